@@ -1,0 +1,1 @@
+"""Small shared library of the stages: params, devices, I/O, preprocessing, models, tracking."""

@@ -1,0 +1,119 @@
+"""File I/O shared by the stages: atomic writes, deterministic ``.npz`` archives, content hashes.
+
+Every output goes through :func:`atomic_path`: it is written beside its target under a temporary name
+and moved into place with ``os.replace`` only when complete, so an interrupted stage never leaves a
+file that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from stages.lib.errors import UserError
+
+# Fixed member timestamp: np.savez stamps the current time, which would make equal arrays differ in bytes
+# (and so re-run every downstream DVC stage).
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; move it onto ``target`` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(target: str | os.PathLike[str], text: str) -> None:
+    """Write UTF-8 ``text`` to ``target`` atomically."""
+    write_bytes(target, text.encode("utf-8"))
+
+
+def write_json(target: str | os.PathLike[str], obj: object) -> None:
+    """Write ``obj`` as indented, key-sorted JSON (stable bytes for equal content), atomically."""
+    write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_arrays(target: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> None:
+    """Save named arrays as an uncompressed ``.npz`` whose bytes depend only on the arrays, atomically."""
+    with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            with zf.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def load_arrays(
+    path: str | os.PathLike[str],
+    spec: Mapping[str, tuple[tuple[int | None, ...], str]],
+    stage: str,
+) -> dict[str, np.ndarray]:
+    """Load and check the arrays of an ``.npz`` written by an upstream stage.
+
+    ``spec`` maps each required array name to ``(shape, dtype)``; ``None`` in a shape matches any size.
+    Arrays named ``x_*``/``y_*`` that share a suffix must have the same length. A missing, truncated or
+    malformed file raises :class:`UserError` naming the file and the stage to re-run.
+    """
+    path = Path(path)
+    fix = f"Re-create it with `dvc repro --force {stage}`."
+    if not path.is_file():
+        raise UserError(f"{path}: file not found. {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in spec if name in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise UserError(f"{path}: cannot read it as a .npz archive ({exc}). {fix}") from exc
+    for name, (shape, dtype) in spec.items():
+        if name not in arrays:
+            raise UserError(f"{path}: array '{name}' is missing. {fix}")
+        arr = arrays[name]
+        shape_ok = arr.ndim == len(shape) and all(s is None or s == a for s, a in zip(shape, arr.shape, strict=True))
+        if not shape_ok or arr.dtype != np.dtype(dtype):
+            want = "×".join("n" if s is None else str(s) for s in shape)
+            raise UserError(
+                f"{path}: array '{name}' has shape {arr.shape} and dtype {arr.dtype}, expected {want} {dtype}. {fix}"
+            )
+    for name, arr in arrays.items():
+        if name.startswith("x") and (y := arrays.get("y" + name[1:])) is not None and len(y) != len(arr):
+            raise UserError(f"{path}: '{name}' has {len(arr)} rows but 'y{name[1:]}' has {len(y)}. {fix}")
+    return arrays
+
+
+def file_md5(path: str | os.PathLike[str]) -> str:
+    """MD5 of a file's bytes: the hash DVC records for it in dvc.lock."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def png_bytes(fig: object) -> bytes:
+    """Render a matplotlib figure to PNG bytes (no timestamp metadata, so equal plots are equal files)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})  # type: ignore[attr-defined]
+    return buf.getvalue()

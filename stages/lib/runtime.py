@@ -1,0 +1,126 @@
+"""Process set-up shared by the stages: logging, device placement, seeding, and the stage entry point.
+
+Device semantics (``<section>.device`` in params.yaml):
+
+- ``cpu``: the GPU is hidden from the process before TensorFlow is imported.
+- ``gpu``: the stage stops with one clear error, before writing anything, when no GPU is visible.
+- ``auto``: the GPU when one is visible, else the CPU; the choice is logged.
+
+The resolved device (``cpu`` or the GPU's name) is returned so the stage records it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from stages.lib import params as params_lib
+from stages.lib.errors import UserError
+
+if TYPE_CHECKING:
+    from stages.lib.tracking import StageTracker
+
+log = logging.getLogger(__name__)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """One line per record on stderr: time, level, logger, message."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True
+    )
+
+
+def hide_gpus() -> None:
+    """Make no GPU visible to TensorFlow in this process (must run before TensorFlow initialises devices)."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+
+
+def visible_gpus() -> list[str]:
+    """Names of the GPUs TensorFlow can use (imports TensorFlow)."""
+    import tensorflow as tf
+
+    names = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+        names.append(tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name))
+    return names
+
+
+def resolve_device(stage: str, key: str, requested: str, uses_tensorflow: bool) -> str:
+    """Apply the ``device`` setting ``requested`` (read from params key ``key``) and return what is used.
+
+    Stages that do not use TensorFlow always run on the CPU (params validation already refused ``gpu``).
+    """
+    if requested == "cpu" or not uses_tensorflow:
+        hide_gpus()
+        return "cpu"
+    gpus = visible_gpus()
+    if gpus:
+        device = gpus[0] if len(gpus) == 1 else f"{len(gpus)}x {gpus[0]}"
+        log.info("%s: running on GPU %s (%s = %s)", stage, device, key, requested)
+        return device
+    if requested == "gpu":
+        raise UserError(
+            f"stage '{stage}': {key} is 'gpu' but TensorFlow sees no GPU on this machine; "
+            f"set it to auto or cpu (dvc exp run -S {key}=auto), or run on a machine with an NVIDIA GPU "
+            "and the [gpu] extra installed"
+        )
+    log.info("%s: no GPU visible, running on the CPU (%s = auto)", stage, key)
+    return "cpu"
+
+
+def seed_everything(seed: int, tensorflow: bool = False) -> None:
+    """Seed Python and NumPy, and with ``tensorflow`` Keras/TensorFlow too, with deterministic ops."""
+    random.seed(seed)
+    np.random.seed(seed)
+    if tensorflow:
+        import keras
+        import tensorflow as tf
+
+        keras.utils.set_random_seed(seed)
+        tf.config.experimental.enable_op_determinism()
+
+
+@dataclass
+class StageContext:
+    """What a stage's ``main`` gets: its name, its params view, the resolved device, its tracker."""
+
+    stage: str
+    params: params_lib.StageParams
+    device: str
+    tracker: StageTracker
+
+
+def run_stage(stage: str, section: str, body: Callable[[StageContext], None], *, uses_tensorflow: bool) -> None:
+    """Run one stage: load params, apply the device, open its tracking run, call ``body``.
+
+    ``section`` is the params section holding the stage's ``device`` (``augment``, ``baselines.ridge``).
+    An error the user can fix (:class:`UserError`) ends the process with one log line and exit code 1.
+    """
+    configure_logging()
+    try:
+        params = params_lib.load(stage)
+        configure_logging(params.settings.log_level)
+        view = params
+        for part in section.split("."):
+            view = getattr(view, part)
+        device = resolve_device(stage, f"{section}.device", view.device, uses_tensorflow)
+
+        from stages.lib import tracking
+
+        with tracking.stage_run(stage, params, device) as tracker:
+            body(StageContext(stage, params, device, tracker))
+    except UserError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None

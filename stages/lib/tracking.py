@@ -1,0 +1,126 @@
+"""MLflow tracking of the stages: one run per stage that runs, in one experiment.
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<repo root>/mlflow.db``. Params are
+logged flat with the dotted names of params.yaml; runs carry the tags ``dvc.stage``, ``git.commit``,
+``device`` and, under ``dvc exp run``, ``dvc.exp_name``. MLflow is imported here only, inside functions,
+so stage modules stay cheap to import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from stages.lib.errors import UserError
+from stages.lib.io import file_md5
+from stages.lib.params import StageParams
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+
+
+def repo_root() -> Path:
+    """The repository root: ``DVC_ROOT`` when DVC runs the stage, else the working directory.
+
+    ``dvc exp run --queue`` runs stages in a copy under ``<repo>/.dvc/tmp/exps/``; runs from there belong
+    to the repository's own store, so the copy's root maps back to the repository.
+    """
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else the SQLite file at the repository root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / DB_FILE}"
+
+
+def git_commit(root: Path) -> str:
+    """HEAD's commit hash, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=root, capture_output=True).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def _param_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+class StageTracker:
+    """Logging calls a stage makes on its MLflow run."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_input(self, path: str | os.PathLike[str], context: str) -> str:
+        """Record a data input: its DVC hash (md5 of the file) as digest, its path as source. Returns the hash."""
+        import mlflow
+        from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        digest = file_md5(path)
+        source = LocalArtifactDatasetSource(str(Path(path).resolve()))
+        mlflow.log_input(MetaDataset(source=source, name=str(path), digest=digest), context=context)
+        return digest
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        import mlflow
+
+        mlflow.set_tags(dict(tags))
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: StageParams, device: str) -> Iterator[StageTracker]:
+    """Open the MLflow run of one stage, log its declared params and tags, and yield its tracker."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    root = repo_root()
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    name = params.settings.mlflow_experiment
+    try:
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            artifacts = (root / ARTIFACTS_DIR).as_uri() if uri.startswith("sqlite:") else None
+            experiment_id = mlflow.create_experiment(name, artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
+    except MlflowException as exc:
+        raise UserError(
+            f"MLflow tracking at {uri} is not usable ({exc.message.splitlines()[0]}); "
+            "fix or unset MLFLOW_TRACKING_URI (default: the repository's mlflow.db)"
+        ) from None
+    tags = {"dvc.stage": stage, "git.commit": git_commit(root), "device": device}
+    if exp_name := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = exp_name
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+        mlflow.log_params({k: _param_value(v) for k, v in params.flat().items()})
+        log.info("MLflow run %s (experiment '%s', %s)", run.info.run_id, name, uri)
+        yield StageTracker(run.info.run_id)
