@@ -301,7 +301,8 @@ def load(stage: str, root: str | os.PathLike[str] = ".") -> StageParams:
     running = os.environ.get("DVC_STAGE")
     if running and running.rpartition(":")[2] != stage:
         raise UserError(
-            f"DVC is running stage '{running}' but its command runs the '{stage}' module; fix that stage's cmd in {PIPELINE_FILE}"
+            f"DVC is running stage '{running}' but its command runs the '{stage}' module; "
+            f"fix that stage's cmd in {PIPELINE_FILE}"
         )
     params_path = root / PARAMS_FILE
     model = validate(_read_yaml(params_path, "params file"), params_path)
@@ -312,7 +313,8 @@ def load(stage: str, root: str | os.PathLike[str] = ".") -> StageParams:
         for part in key.split("."):
             if not isinstance(value, BaseModel) or part not in type(value).model_fields:
                 raise UserError(
-                    f"{root / PIPELINE_FILE}: stage '{stage}' declares params key '{key}', which {params_path} does not have"
+                    f"{root / PIPELINE_FILE}: stage '{stage}' declares params key '{key}', "
+                    f"which {params_path} does not have"
                 )
             value = getattr(value, part)
     return StageParams(model, stage, declared)
