@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -81,11 +82,14 @@ class StageTracker:
     def log_input(self, path: str | os.PathLike[str], context: str) -> str:
         """Record a data input: its DVC hash (md5 of the file) as digest, its path as source. Returns the hash."""
         import mlflow
-        from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
 
         digest = file_md5(path)
-        source = LocalArtifactDatasetSource(str(Path(path).resolve()))
+        with warnings.catch_warnings():
+            # MLflow registers two equivalent sources for file:// URIs and warns that it picked one
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways", category=UserWarning)
+            source = resolve_dataset_source(Path(path).resolve().as_uri())
         mlflow.log_input(MetaDataset(source=source, name=str(path), digest=digest), context=context)
         return digest
 
