@@ -90,7 +90,7 @@ def load_arrays(
     if not path.is_file():
         raise UserError(f"{path}: file not found. {fix}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in spec if name in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise UserError(f"{path}: cannot read it as a .npz archive ({exc}). {fix}") from exc

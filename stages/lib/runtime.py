@@ -31,10 +31,13 @@ log = logging.getLogger(__name__)
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """One line per record on stderr: time, level, logger, message."""
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True
-    )
+    """One line per record on stderr (time, level, logger, message), unless the host already set up logging."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(level)
 
 
 def hide_gpus() -> None:
