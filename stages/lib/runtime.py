@@ -112,6 +112,8 @@ def run_stage(stage: str, section: str, body: Callable[[StageContext], None], *,
     An error the user can fix (:class:`UserError`) ends the process with one log line and exit code 1.
     """
     configure_logging()
+    # TensorFlow's C++ INFO/WARNING lines (oneDNN, CPU features) drown the stage's log; errors still show
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         params = params_lib.load(stage)
         configure_logging(params.settings.log_level)
