@@ -1,0 +1,192 @@
+"""End to end: the real `dvc repro` in a temporary copy of the repository, on a generated MNIST fixture.
+
+One module-scoped run of the whole pipeline (tiny profile), then checks of its outputs, its MLflow
+runs in the default SQLite store, no-op re-runs, and which stages a params change makes stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from stages.fetch import content_digest
+from stages.lib import io
+from tests.conftest import REPO, set_params
+from tests.mnist_fixture import make_mnist
+
+pytestmark = pytest.mark.integration
+
+ALL_STAGES = {"fetch", "prepare", "augment", "train_cnn", "train_baseline@ridge", "train_baseline@lasso", "evaluate"}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "pipeline-test",
+    "GIT_AUTHOR_EMAIL": "pipeline-test@localhost",
+    "GIT_COMMITTER_NAME": "pipeline-test",
+    "GIT_COMMITTER_EMAIL": "pipeline-test@localhost",
+}
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, **GIT_ENV}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the stages must fall back to <repo>/mlflow.db
+    return env
+
+
+def run(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, cwd=root, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def copy_repo(dest: Path) -> Path:
+    """Copy the repository's files (tracked, or untracked but not ignored) into a fresh git repository."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for name in filter(None, listed):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    for stale in ("dvc.lock", "metrics", "plots"):  # outputs of the repository's own reference run
+        path = dest / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        path.unlink(missing_ok=True)
+    return dest
+
+
+def tiny_profile(root: Path) -> None:
+    """Point fetch at a generated fixture and shrink the pipeline to seconds."""
+    arrays = make_mnist(n_train=600, n_test=100, seed=1)
+    fixture = root.parent / "fixture" / "mnist.npz"
+    io.save_arrays(fixture, arrays)
+    source = {
+        "name": "fixture",
+        "format": "npz",
+        "url": fixture.as_uri(),
+        "sha256": hashlib.sha256(fixture.read_bytes()).hexdigest(),
+    }
+    set_params(
+        root / "params.yaml",
+        {
+            "fetch.sources": [source],
+            "fetch.content_sha256": content_digest(arrays),
+            "prepare.val_size": 100,
+            "augment.copies": 1,
+            "augment.batch_size": 256,
+            "train_cnn.epochs": 1,
+            "train_cnn.batch_size": 32,
+            "evaluate.misclassified_grid": 9,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    tiny_profile(root)
+    run(root, "git", "init", "-q", "-b", "main")
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-q", "-m", "tiny profile")
+    run(root, "dvc", "repro")
+    return root
+
+
+def mlflow_runs(root: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiments = client.search_experiments()
+    return client.search_runs([e.experiment_id for e in experiments], max_results=1000)
+
+
+def test_every_declared_output_exists(pipeline: Path) -> None:
+    lock = yaml.safe_load((pipeline / "dvc.lock").read_text())
+    assert set(lock["stages"]) == ALL_STAGES
+    outs = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
+    assert len(outs) >= 16
+    for path in outs:
+        assert (pipeline / path).is_file(), path
+        assert (pipeline / path).stat().st_size > 0, path
+    raw = np.load(pipeline / "data" / "raw" / "mnist.npz")
+    assert content_digest(raw) == yaml.safe_load((pipeline / "params.yaml").read_text())["fetch"]["content_sha256"]
+
+
+def test_metrics_and_plots(pipeline: Path) -> None:
+    metrics = json.loads((pipeline / "metrics" / "evaluate.json").read_text())
+    assert set(metrics) == {"cnn", "ridge", "lasso"}
+    for model in metrics.values():
+        assert 0.0 <= model["test_accuracy"] <= 1.0
+        assert set(model["per_class"]) == {str(d) for d in range(10)}
+    assert metrics["ridge"]["test_accuracy"] > 0.5  # the fixture is learnable
+    shown = json.loads(run(pipeline, "dvc", "metrics", "show", "--json").stdout)
+    assert shown
+    run(pipeline, "dvc", "plots", "show", "--json")
+    lines = (pipeline / "plots" / "evaluate" / "confusion_cnn.csv").read_text().splitlines()
+    assert lines[0] == "actual,predicted" and len(lines) == 101
+    assert "| cnn |" in (pipeline / "metrics" / "evaluate.md").read_text()
+
+
+def test_one_mlflow_run_per_stage_in_default_store(pipeline: Path) -> None:
+    runs = mlflow_runs(pipeline)
+    stages = [r.data.tags.get("dvc.stage") for r in runs]
+    assert sorted(stages) == sorted(ALL_STAGES)
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["device"] == "cpu"
+        assert len(r.data.tags["git.commit"]) >= 40
+    train = next(r for r in runs if r.data.tags["dvc.stage"] == "train_cnn")
+    assert train.data.params["train_cnn.epochs"] == "1"
+    assert "val_accuracy" in train.data.metrics
+    card = json.loads((pipeline / "models" / "cnn.json").read_text())
+    assert card["mlflow_run_id"] == train.info.run_id
+
+
+def test_second_repro_does_nothing(pipeline: Path) -> None:
+    before = len(mlflow_runs(pipeline))
+    out = run(pipeline, "dvc", "repro").stdout
+    assert "Running stage" not in out
+    assert len(mlflow_runs(pipeline)) == before
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "stale"),
+    [
+        ("augment.rotation_deg", 12.5, {"augment"}),
+        ("prepare.val_size", 120, {"prepare"}),
+        ("baselines.lasso.alpha", 0.01, {"train_baseline@lasso"}),
+        ("settings.mlflow_experiment", "renamed", set()),
+        ("settings.log_level", "DEBUG", set()),
+    ],
+)
+def test_status_after_a_params_change(pipeline: Path, key: str, value: object, stale: set[str]) -> None:
+    params = pipeline / "params.yaml"
+    original = params.read_text()
+    try:
+        set_params(params, {key: value})
+        status = json.loads(run(pipeline, "dvc", "status", "--json").stdout)
+        assert set(status) == stale
+    finally:
+        params.write_text(original)
+
+
+def test_exp_run_lasso_alpha_reruns_only_lasso_and_evaluate(pipeline: Path) -> None:
+    before = {r.info.run_id for r in mlflow_runs(pipeline)}
+    out = run(pipeline, "dvc", "exp", "run", "-S", "baselines.lasso.alpha=0.01").stdout
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train_baseline@lasso", "evaluate"}, out
+    new = [r for r in mlflow_runs(pipeline) if r.info.run_id not in before]
+    assert sorted(r.data.tags["dvc.stage"] for r in new) == ["evaluate", "train_baseline@lasso"]
+    assert all(r.data.tags.get("dvc.exp_name") for r in new)
