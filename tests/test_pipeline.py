@@ -147,6 +147,7 @@ def test_one_mlflow_run_per_stage_in_default_store(pipeline: Path) -> None:
         assert r.info.status == "FINISHED"
         assert r.data.tags["device"] == "cpu"
         assert len(r.data.tags["git.commit"]) >= 40
+        assert "params.unread" not in r.data.tags, r.data.tags["dvc.stage"]  # each stage reads what it declares
     train = next(r for r in runs if r.data.tags["dvc.stage"] == "train_cnn")
     assert train.data.params["train_cnn.epochs"] == "1"
     assert "val_accuracy" in train.data.metrics

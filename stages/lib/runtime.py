@@ -126,6 +126,13 @@ def run_stage(stage: str, section: str, body: Callable[[StageContext], None], *,
 
         with tracking.stage_run(stage, params, device) as tracker:
             body(StageContext(stage, params, device, tracker))
+            unread = sorted(set(params.flat()) - params.reads)
+            if unread:
+                # A declared key the stage never reads re-runs it for nothing
+                log.warning(
+                    "%s declares params it never read: %s; remove them from its params: in dvc.yaml", stage, unread
+                )
+                tracker.set_tags({"params.unread": ",".join(unread)})
     except UserError as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
