@@ -1,0 +1,234 @@
+"""CNN training speed and accuracy: the source script as written against this project's ``train()`` levers.
+
+Every variant trains the default CNN (Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense10, Adam 1e-3,
+batch 64, 5 epochs, seed 42) on ``data/prepared/train.npz`` (55000 images, no augmentation) and is scored
+on ``data/prepared/test.npz``. Levers: float32 vs mixed_bfloat16, steps_per_execution 1 vs 25/50, the
+tf.data pipeline of ``train()`` vs ``model.fit`` on NumPy arrays. ``source`` is the source document's
+script as written (float32, ``model.fit`` on NumPy, no validation); the other variants validate on
+``data/prepared/val.npz`` every epoch as the stage does. ``* aug110k`` trains on what the augment stage
+makes of it with params.yaml's defaults (originals + one augmented copy: 110000 images), to check the
+pipeline's time and accuracy budget.
+
+Each variant runs in its own process (clean TensorFlow state, its own peak RSS); the variants run one
+after another in one invocation, so machine load hits them alike; with ``--repeats`` they alternate.
+Wall time ("fit s") is the fit (model build, data pipeline, training, validation), not the TensorFlow
+import; "CPU s" is the process's CPU time over the same span, which other jobs on the machine disturb less.
+Run with ``python -m benchmarks train_cnn`` or ``python benchmarks/bench_train_cnn.py --variants ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from stages.lib import io  # noqa: E402
+
+PREPARED = ROOT / "data" / "prepared"
+SPEC = {"x": ((None, 28, 28), "uint8"), "y": ((None,), "uint8")}
+SEED, EPOCHS, BATCH = 42, 5, 64
+BF16 = "mixed_bfloat16"
+
+# name: (how it trains, precision, steps_per_execution, training-set copies)
+VARIANTS: dict[str, tuple[str, str, int, int]] = {
+    "source": ("source", "float32", 1, 1),
+    "fp32 numpy": ("numpy", "float32", 1, 1),
+    "fp32": ("train", "float32", 1, 1),
+    "fp32 spe50": ("train", "float32", 50, 1),
+    "bf16": ("train", BF16, 1, 1),
+    "bf16 spe25": ("train", BF16, 25, 1),
+    "bf16 spe50": ("train", BF16, 50, 1),
+    "bf16 spe50 numpy": ("numpy", BF16, 50, 1),
+    "fp32 aug110k": ("augmented", "float32", 1, 2),
+    "bf16 spe50 aug110k": ("augmented", BF16, 50, 2),
+}
+HOW = {
+    "source": "source script: fit(NumPy), no validation",
+    "numpy": "build_cnn + fit(NumPy), validation",
+    "train": "train_cnn.train(): tf.data, validation",
+    "augmented": "train(), on augmented 110000 images",
+}
+
+
+def _split(name: str) -> tuple[np.ndarray, np.ndarray]:
+    path = PREPARED / f"{name}.npz"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run `dvc repro prepare` first")
+    arrays = io.load_arrays(path, SPEC, stage="prepare")
+    return arrays["x"], arrays["y"]
+
+
+def _augmented(x: np.ndarray, y: np.ndarray, copies: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training set as the augment stage writes it with params.yaml's ranges: originals + ``copies`` copies."""
+    from stages import augment
+
+    extra = augment.augment(x, copies, 10.0, 0.1, 0.1, 0.1, False, 8192, seed=SEED)
+    return augment.with_originals(x, y, extra)
+
+
+def _source_script(x_train: np.ndarray, y_train: np.ndarray, seed: int) -> Any:
+    """The source document's CNN script as written: the classic Keras convnet fitted on NumPy arrays."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    train_images = x_train.reshape((len(x_train), 28, 28, 1)).astype("float32") / 255
+    train_labels = keras.utils.to_categorical(y_train)
+    model = keras.Sequential(
+        [
+            keras.Input(shape=(28, 28, 1)),
+            layers.Conv2D(32, (3, 3), activation="relu"),
+            layers.MaxPooling2D((2, 2)),
+            layers.Conv2D(64, (3, 3), activation="relu"),
+            layers.MaxPooling2D((2, 2)),
+            layers.Conv2D(64, (3, 3), activation="relu"),
+            layers.Flatten(),
+            layers.Dense(64, activation="relu"),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    model.fit(train_images, train_labels, epochs=EPOCHS, batch_size=BATCH, verbose=2)
+    return model
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def worker(name: str, seed: int = SEED) -> dict[str, Any]:
+    """Train one variant in this process; return its fit wall time, test accuracy and peak RSS."""
+    how, precision, spe, copies = VARIANTS[name]
+    x_train, y_train = _split("train")
+    x_val, y_val = _split("val")
+    x_test, y_test = _split("test")
+    if copies > 1:
+        x_train, y_train = _augmented(x_train, y_train, copies - 1)
+
+    import keras  # noqa: F401  (imported before the clock starts, like the stage's own import)
+
+    from stages.lib import models, runtime
+    from stages.lib.preprocess import one_hot, to_model_input
+    from stages.train_cnn import train
+
+    start, cpu_start = time.perf_counter(), _cpu_s()
+    if how == "source":
+        model = _source_script(x_train, y_train, seed)
+    elif how == "numpy":
+        runtime.seed_everything(seed, tensorflow=True)
+        model = models.build_cnn(precision=precision, steps_per_execution=spe)
+        model.fit(
+            to_model_input(x_train),
+            one_hot(y_train),
+            batch_size=BATCH,
+            epochs=EPOCHS,
+            validation_data=(to_model_input(x_val), one_hot(y_val)),
+            shuffle=True,
+            verbose=2,
+        )
+    else:
+        model, _ = train(
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            seed=seed,
+            precision=precision,
+            steps_per_execution=spe,
+            batch_size=BATCH,
+            epochs=EPOCHS,
+        )
+    fit_s, cpu_s = time.perf_counter() - start, _cpu_s() - cpu_start
+    _, test_accuracy = model.evaluate(to_model_input(x_test), one_hot(y_test), batch_size=1024, verbose=0)
+    return {
+        "fit_s": fit_s,
+        "cpu_s": cpu_s,
+        "test_accuracy": float(test_accuracy),
+        "train_size": len(y_train),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _run_worker(name: str, seed: int) -> dict[str, Any]:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_train_cnn", "--worker", name, "--seed", str(seed)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        raise SystemExit(f"variant {name!r} failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return json.loads(lines[-1])
+
+
+def main(variants: list[str] | None = None, repeats: int = 1, seed: int = SEED) -> dict[str, dict[str, Any]]:
+    """Run the variants (all by default) ``repeats`` times, alternating; print a table and return the results."""
+    names = variants or list(VARIANTS)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names:
+            result = _run_worker(name, seed)
+            runs[name].append(result)
+            print(
+                f"  [{r + 1}/{repeats}] {name}: fit {result['fit_s']:.1f} s (CPU {result['cpu_s']:.1f} s), "
+                f"test accuracy {result['test_accuracy']:.4f}",
+                flush=True,
+            )
+    summary = {
+        name: {
+            "fit_s": statistics.median(x["fit_s"] for x in rs),
+            "cpu_s": statistics.median(x["cpu_s"] for x in rs),
+            "test_accuracy": statistics.median(x["test_accuracy"] for x in rs),
+            "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+            "train_size": rs[0]["train_size"],
+        }
+        for name, rs in runs.items()
+    }
+    base = summary.get("source", next(iter(summary.values())))["fit_s"]
+    print(
+        f"CNN training, {EPOCHS} epochs, batch {BATCH}, seed {seed}, train data/prepared/train.npz; "
+        f"median of {repeats} run(s); speed-up vs {'source' if 'source' in summary else names[0]}"
+    )
+    header = f"{'variant':<18}{'how':<43}{'precision':<16}{'spe':>4}{'train n':>9}"
+    print(f"{header}{'fit s':>8}{'speed-up':>9}{'CPU s':>8}{'test acc':>10}{'peak RSS':>10}")
+    for name, s in summary.items():
+        how, precision, spe, _ = VARIANTS[name]
+        print(
+            f"{name:<18}{HOW[how]:<43}{precision:<16}{spe:>4}{s['train_size']:>9}{s['fit_s']:>8.1f}"
+            f"{base / s['fit_s']:>8.2f}×{s['cpu_s']:>8.1f}{s['test_accuracy']:>10.4f}{s['peak_rss_mb']:>8.0f}MB"
+        )
+    return summary
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per variant, alternating (default 1)")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"training seed (default {SEED})")
+    parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.seed)))
+    else:
+        chosen = [v.strip() for v in args.variants.split(",")] if args.variants else None
+        unknown = [v for v in chosen or [] if v not in VARIANTS]
+        if unknown:
+            parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        main(chosen, args.repeats, args.seed)

@@ -1,0 +1,158 @@
+"""The one CNN model factory and loader, shared by train_cnn (builds and trains) and evaluate (loads).
+
+With the defaults of params.yaml, :func:`build_cnn` is the classic Keras MNIST convnet:
+Conv32-Pool-Conv64-Pool-Conv64-Flatten-Dense64-Dense10 (93,322 parameters), Adam at 1e-3.
+Keras is imported inside the functions: stages hide the GPU before TensorFlow is first imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stages.lib import io
+from stages.lib.errors import UserError
+from stages.lib.preprocess import IMAGE_SHAPE, NUM_CLASSES
+
+if TYPE_CHECKING:
+    import keras
+
+INPUT_SHAPE = (*IMAGE_SHAPE, 1)
+PRECISIONS = ("float32", "mixed_bfloat16")
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+OPTIMIZERS = ("adam", "sgd")
+
+
+def feature_map_sizes(filters: Sequence[int], kernel_size: int, image_size: int = IMAGE_SHAPE[0]) -> list[int]:
+    """Side length of the feature maps after each conv layer (and its pooling), for a square image.
+
+    Convolutions are unpadded (side - kernel_size + 1); 2×2 max-pooling with stride 2 follows every conv
+    layer but the last (side // 2). Raises :class:`UserError` when the stack shrinks the image below 1 pixel.
+    """
+    sizes = []
+    side = image_size
+    for i in range(len(filters)):
+        side -= kernel_size - 1
+        if side >= 1 and i < len(filters) - 1:
+            side //= 2
+        if side < 1:
+            raise UserError(
+                f"train_cnn.filters = {list(filters)} with train_cnn.kernel_size = {kernel_size}: conv layer {i + 1} "
+                f"(with the 2×2 pooling that follows all but the last) shrinks the {image_size}×{image_size} image "
+                "below 1 pixel; use a smaller kernel_size or fewer entries in filters"
+            )
+        sizes.append(side)
+    return sizes
+
+
+def build_cnn(
+    filters: Sequence[int] = (32, 64, 64),
+    kernel_size: int = 3,
+    dense_units: int = 64,
+    dropout: float = 0.0,
+    l2: float = 0.0,
+    optimizer: str = "adam",
+    learning_rate: float = 1e-3,
+    precision: str = "float32",
+    steps_per_execution: int = 1,
+) -> keras.Model:
+    """Build and compile the CNN (input float32 ``(n, 28, 28, 1)`` in [0, 1], output softmax ``(n, 10)``).
+
+    ``filters``: one unpadded ``kernel_size``×``kernel_size`` ReLU Conv2D per entry, 2×2 max-pooling after all
+    but the last. ``dropout`` > 0 adds Dropout before the hidden Dense layer of ``dense_units``; ``l2`` > 0
+    puts an L2 penalty on every conv and dense kernel. ``optimizer`` is ``adam`` or ``sgd`` at
+    ``learning_rate``; loss categorical cross-entropy (one-hot targets), metric accuracy.
+    ``precision`` ``mixed_bfloat16`` computes in bfloat16 with float32 weights; the output layer stays
+    float32 so the softmax and the loss are exact. ``steps_per_execution`` training steps run per
+    TensorFlow call. Raises :class:`UserError` (naming the train_cnn key) for a configuration that cannot work.
+    """
+    import keras
+    from keras import layers
+
+    feature_map_sizes(filters, kernel_size)
+    if precision not in PRECISIONS:
+        raise UserError(f"train_cnn.precision = {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"train_cnn.optimizer = {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"train_cnn.dropout = {dropout!r}: expected a fraction in [0, 1)")
+
+    # The policy is set per layer, not globally, so building one model never changes the next one
+    policy = keras.DTypePolicy(precision)
+    regularizer = keras.regularizers.L2(l2) if l2 > 0 else None
+
+    # Feature extractor: conv blocks, max-pooling after all but the last
+    stack: list[keras.layers.Layer] = [keras.Input(shape=INPUT_SHAPE)]
+    for i, n_filters in enumerate(filters):
+        stack.append(
+            layers.Conv2D(n_filters, kernel_size, activation="relu", kernel_regularizer=regularizer, dtype=policy)
+        )
+        if i < len(filters) - 1:
+            stack.append(layers.MaxPooling2D(pool_size=2, dtype=policy))
+
+    # Classifier head; the output layer computes in float32 whatever the policy
+    stack.append(layers.Flatten(dtype=policy))
+    if dropout > 0:
+        stack.append(layers.Dropout(dropout, dtype=policy))
+    stack += [
+        layers.Dense(dense_units, activation="relu", kernel_regularizer=regularizer, dtype=policy),
+        layers.Dense(NUM_CLASSES, activation="softmax", kernel_regularizer=regularizer, dtype="float32"),
+    ]
+    model = keras.Sequential(stack, name="mnist_cnn")
+
+    # Adam or plain SGD on categorical cross-entropy; XLA stays off (slower for this model on CPU)
+    opt = (
+        keras.optimizers.Adam(learning_rate=learning_rate)
+        if optimizer == "adam"
+        else keras.optimizers.SGD(learning_rate=learning_rate)
+    )
+    model.compile(
+        optimizer=opt,
+        loss="categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+        jit_compile=False,
+    )
+    return model
+
+
+def save_cnn(model: keras.Model, path: str | os.PathLike[str]) -> None:
+    """Save ``model`` to ``path`` (``.keras``) atomically, with bytes that depend only on the model.
+
+    Keras stamps the save time into the archive (``date_saved`` and a member's timestamp); both are
+    removed here, so retraining to the same weights leaves an identical file and DVC re-runs nothing
+    downstream.
+    """
+    path = Path(path)
+    with io.atomic_path(path) as tmp, tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmpdir:
+        # Keras insists on the .keras suffix, which the atomic temp file does not have
+        staged = Path(tmpdir) / "model.keras"
+        model.save(staged)
+        with zipfile.ZipFile(staged) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as dst:
+            for member in src.infolist():
+                data = src.read(member)
+                if member.filename == "metadata.json":
+                    metadata = json.loads(data)
+                    metadata.pop("date_saved", None)
+                    data = json.dumps(metadata, sort_keys=True).encode("utf-8")
+                info = zipfile.ZipInfo(member.filename, date_time=_ZIP_EPOCH)
+                info.external_attr = 0o644 << 16
+                info.compress_type = member.compress_type
+                dst.writestr(info, data)
+
+
+def load_cnn(path: str | os.PathLike[str]) -> keras.Model:
+    """Load a CNN saved by train_cnn (``.keras``) for inference: safe mode (no arbitrary code), not compiled."""
+    import keras
+
+    try:
+        return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{path}: cannot load it as a Keras model ({exc}). Re-create it with `dvc repro --force train_cnn`."
+        ) from None

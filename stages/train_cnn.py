@@ -1,0 +1,241 @@
+"""train_cnn: train the Keras CNN on the (augmented) training split, validating on the held-out split.
+
+Reads ``data/augmented/train.npz`` (from augment) and ``data/prepared/val.npz`` (from prepare), arrays
+``x`` uint8 n×28×28 and ``y`` uint8 n, and params ``base.seed``, ``train_cnn.*``. Writes the model
+(``models/cnn.keras``), its card (``models/cnn.json``) and the per-epoch history
+(``plots/train_cnn/history.csv``: epoch, loss, accuracy, val_loss, val_accuracy). Per-epoch metrics go to
+MLflow as well. The test split is never read here: evaluate owns it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stages.lib import cards, io, models, runtime
+from stages.lib.errors import UserError
+from stages.lib.preprocess import NUM_CLASSES, one_hot, to_model_input
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger(__name__)
+
+STAGE = "train_cnn"
+SPEC = {"x": ((None, 28, 28), "uint8"), "y": ((None,), "uint8")}
+HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def train(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    seed: int,
+    filters: Sequence[int] = (32, 64, 64),
+    kernel_size: int = 3,
+    dense_units: int = 64,
+    dropout: float = 0.0,
+    l2: float = 0.0,
+    optimizer: str = "adam",
+    learning_rate: float = 1e-3,
+    precision: str = "float32",
+    steps_per_execution: int = 1,
+    batch_size: int = 64,
+    epochs: int = 5,
+    early_stopping_patience: int = 0,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    verbose: int = 2,
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Build the CNN (:func:`stages.lib.models.build_cnn`) and fit it; return the model and its history.
+
+    Inputs are uint8 images ``(n, 28, 28)`` and integer labels ``(n,)``; validation runs on ``x_val``,
+    ``y_val`` after every epoch. Training is seeded with ``seed`` (weights, dropout, shuffling) and uses
+    deterministic ops, so equal inputs give equal weights on the same machine. With
+    ``early_stopping_patience`` > 0, training stops after that many epochs without a lower validation
+    loss and the weights of the best epoch are restored. ``callbacks`` are added to Keras' (e.g. a
+    tracker); ``verbose`` is Keras' (1 progress bar, 2 one line per epoch, 0 silent).
+    The history maps ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy`` to one float per epoch run.
+    """
+    import keras
+    import tensorflow as tf
+
+    runtime.seed_everything(seed, tensorflow=True)
+    model = models.build_cnn(
+        filters=filters,
+        kernel_size=kernel_size,
+        dense_units=dense_units,
+        dropout=dropout,
+        l2=l2,
+        optimizer=optimizer,
+        learning_rate=learning_rate,
+        precision=precision,
+        steps_per_execution=steps_per_execution,
+    )
+
+    # Keep the data resident in TensorFlow; reshuffle it every epoch (seeded), prefetch the next batches
+    train_ds = (
+        tf.data.Dataset.from_tensor_slices((to_model_input(x_train), one_hot(y_train)))
+        .shuffle(len(y_train), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    val_ds = (
+        tf.data.Dataset.from_tensor_slices((to_model_input(x_val), one_hot(y_val)))
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+    all_callbacks = list(callbacks)
+    if early_stopping_patience > 0:
+        all_callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=early_stopping_patience, restore_best_weights=True
+            )
+        )
+    # shuffle=False: the dataset already reshuffles itself every epoch
+    fit = model.fit(
+        train_ds, validation_data=val_ds, epochs=epochs, shuffle=False, callbacks=all_callbacks, verbose=verbose
+    )
+    history = {key: [float(v) for v in fit.history[key]] for key in HISTORY_KEYS}
+    return model, history
+
+
+def best_epoch(history: dict[str, list[float]], early_stopping_patience: int) -> int:
+    """Index of the epoch whose weights the trained model holds: the last one, or with early stopping
+    the first with the lowest validation loss (the one EarlyStopping restores)."""
+    if early_stopping_patience > 0:
+        return int(np.argmin(history["val_loss"]))
+    return len(history["val_loss"]) - 1
+
+
+def history_csv(history: dict[str, list[float]]) -> str:
+    """The history as CSV for DVC plots: one row per epoch (numbered from 1), columns epoch + HISTORY_KEYS."""
+    lines = [",".join(("epoch", *HISTORY_KEYS))]
+    for i in range(len(history["loss"])):
+        lines.append(",".join([str(i + 1), *(f"{history[k][i]:.6f}" for k in HISTORY_KEYS)]))
+    return "\n".join(lines) + "\n"
+
+
+def _load(path: Path, stage: str) -> tuple[np.ndarray, np.ndarray]:
+    arrays = io.load_arrays(path, SPEC, stage=stage)
+    x, y = arrays["x"], arrays["y"]
+    if len(y) == 0:
+        raise UserError(f"{path}: holds no images. Re-create it with `dvc repro --force {stage}`.")
+    if int(y.max()) >= NUM_CLASSES:
+        raise UserError(
+            f"{path}: label {int(y.max())} is not a digit 0-9. Re-create it with `dvc repro --force {stage}`."
+        )
+    return x, y
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=Path, required=True, help="training split (train.npz written by augment)")
+    parser.add_argument("--val", type=Path, required=True, help="validation split (val.npz written by prepare)")
+    parser.add_argument("--model", type=Path, required=True, help="output model file (.keras)")
+    parser.add_argument("--card", type=Path, required=True, help="output model card (.json)")
+    parser.add_argument("--history", type=Path, required=True, help="output per-epoch history (.csv)")
+    args = parser.parse_args(argv)
+    if args.model.suffix != ".keras":
+        parser.error(f"--model must end with .keras, got {args.model}")
+
+    def body(ctx: runtime.StageContext) -> None:
+        import keras
+
+        p = ctx.params
+        cfg = p.train_cnn
+        x_train, y_train = _load(args.train, stage="augment")
+        x_val, y_val = _load(args.val, stage="prepare")
+        inputs = {
+            str(args.train): ctx.tracker.log_input(args.train, context="train"),
+            str(args.val): ctx.tracker.log_input(args.val, context="validation"),
+        }
+        hparams: dict[str, Any] = {
+            "filters": cfg.filters,
+            "kernel_size": cfg.kernel_size,
+            "dense_units": cfg.dense_units,
+            "dropout": cfg.dropout,
+            "l2": cfg.l2,
+            "optimizer": cfg.optimizer,
+            "learning_rate": cfg.learning_rate,
+            "precision": cfg.precision,
+            "steps_per_execution": cfg.steps_per_execution,
+            "batch_size": cfg.batch_size,
+            "epochs": cfg.epochs,
+            "early_stopping_patience": cfg.early_stopping_patience,
+        }
+        log.info(
+            "Training on %d images, validating on %d (%d epochs, batch %d, %s)",
+            len(y_train),
+            len(y_val),
+            cfg.epochs,
+            cfg.batch_size,
+            cfg.precision,
+        )
+
+        # Per-epoch metrics to MLflow, numbered from 1 like Keras' log lines and history.csv
+        def log_epoch(epoch: int, logs: dict[str, float] | None) -> None:
+            logs = logs or {}
+            ctx.tracker.log_metrics({k: logs[k] for k in HISTORY_KEYS if k in logs}, step=epoch + 1)
+
+        tracker_cb = keras.callbacks.LambdaCallback(on_epoch_end=log_epoch)
+        start = time.perf_counter()
+        model, history = train(
+            x_train,
+            y_train,
+            x_val,
+            y_val,
+            seed=p.base.seed,
+            callbacks=[tracker_cb],
+            verbose=1 if sys.stdout.isatty() else 2,
+            **hparams,
+        )
+        wall_time = time.perf_counter() - start
+        best = best_epoch(history, cfg.early_stopping_patience)
+        metrics = {"val_accuracy": history["val_accuracy"][best], "val_loss": history["val_loss"][best]}
+        log.info(
+            "Trained %d epochs in %.1f s; kept epoch %d: validation accuracy %.4f, loss %.4f",
+            len(history["loss"]),
+            wall_time,
+            best + 1,
+            metrics["val_accuracy"],
+            metrics["val_loss"],
+        )
+
+        models.save_cnn(model, args.model)
+        io.write_text(args.history, history_csv(history))
+        cards.write_card(
+            args.card,
+            name="cnn",
+            model_file=args.model,
+            fmt="keras",
+            input_kind="image",
+            params=ctx.params.flat(),
+            device=ctx.device,
+            metrics=metrics,
+            inputs=inputs,
+            mlflow_run_id=ctx.tracker.run_id,
+            wall_time_s=wall_time,
+            extra={"epochs_run": len(history["loss"]), "best_epoch": best + 1, "train_size": len(y_train)},
+        )
+        # val_loss/val_accuracy are already logged per epoch; the kept epoch says which of them the model has
+        ctx.tracker.log_metrics(
+            {"best_epoch": best + 1, "epochs_run": len(history["loss"]), "train_wall_time_s": wall_time}
+        )
+        ctx.tracker.log_artifact(args.card)
+        ctx.tracker.log_artifact(args.history)
+
+    runtime.run_stage(STAGE, STAGE, body, uses_tensorflow=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""train_cnn: learning, determinism, early stopping, and the stage's outputs (model, card, history, MLflow)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from stages import train_cnn
+from stages.lib import cards, io, models
+from stages.lib import params as params_lib
+from stages.lib.preprocess import one_hot, to_model_input
+from tests.mnist_fixture import make_mnist
+
+# A small model keeps each fit at a second or two; the stage test uses the real defaults
+SMALL = {"filters": [8, 16], "dense_units": 16, "batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, np.ndarray]:
+    return make_mnist(n_train=400, n_test=100, seed=1)
+
+
+def _fit(data: dict[str, np.ndarray], y_val: np.ndarray | None = None, **kwargs):
+    y_val = data["y_test"] if y_val is None else y_val
+    return train_cnn.train(
+        data["x_train"], data["y_train"], data["x_test"], y_val, **{"seed": 0, "verbose": 0, **SMALL, **kwargs}
+    )
+
+
+def test_train_learns_tiny_data(data: dict[str, np.ndarray]) -> None:
+    model, history = _fit(data, epochs=3, learning_rate=3e-3)
+    assert set(history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert all(len(v) == 3 for v in history.values())
+    assert history["loss"][2] < history["loss"][0]
+    assert history["val_accuracy"][-1] > 0.5  # chance is 0.1
+    predicted = model.predict(to_model_input(data["x_test"]), verbose=0).argmax(axis=1)
+    assert np.mean(predicted == data["y_test"]) == pytest.approx(history["val_accuracy"][-1])
+
+
+def test_train_is_deterministic_for_a_seed(data: dict[str, np.ndarray]) -> None:
+    first, h1 = _fit(data, epochs=1, seed=5, dropout=0.2)
+    second, h2 = _fit(data, epochs=1, seed=5, dropout=0.2)
+    other, _ = _fit(data, epochs=1, seed=6, dropout=0.2)
+    assert h1 == h2
+    for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first.get_weights()[0], other.get_weights()[0])
+
+
+def test_early_stopping_stops_and_keeps_the_best_epoch(data: dict[str, np.ndarray]) -> None:
+    # Validation labels are all wrong, so validation loss rises as the model learns the training data
+    wrong = (data["y_test"] + 1) % 10
+    model, history = _fit(data, y_val=wrong, epochs=10, early_stopping_patience=1, learning_rate=3e-3)
+    assert len(history["val_loss"]) < 10
+    best = train_cnn.best_epoch(history, early_stopping_patience=1)
+    assert history["val_loss"][best] == min(history["val_loss"])
+    assert best < len(history["val_loss"]) - 1
+    # restore_best_weights: the model is the best epoch's, not the last one's
+    val_loss, _ = model.evaluate(to_model_input(data["x_test"]), one_hot(wrong), verbose=0)
+    assert val_loss == pytest.approx(history["val_loss"][best], rel=1e-4)
+
+
+def test_best_epoch_and_history_csv() -> None:
+    history = {
+        "loss": [2.0, 1.0, 0.5],
+        "accuracy": [0.1, 0.5, 0.9],
+        "val_loss": [1.0, 0.4, 0.6],
+        "val_accuracy": [0.2, 0.8, 0.7],
+    }
+    assert train_cnn.best_epoch(history, early_stopping_patience=0) == 2
+    assert train_cnn.best_epoch(history, early_stopping_patience=2) == 1
+    rows = list(csv.DictReader(train_cnn.history_csv(history).splitlines()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert list(rows[0]) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+    assert float(rows[1]["val_loss"]) == 0.4
+
+
+def _splits(root: Path) -> tuple[Path, Path]:
+    tiny = make_mnist(n_train=200, n_test=50, seed=2)
+    train, val = root / "data" / "train.npz", root / "data" / "val.npz"
+    io.save_arrays(train, {"x": tiny["x_train"], "y": tiny["y_train"]})
+    io.save_arrays(val, {"x": tiny["x_test"], "y": tiny["y_test"]})
+    return train, val
+
+
+def _args(train: Path, val: Path) -> list[str]:
+    return [
+        "--train", str(train), "--val", str(val), "--model", "models/cnn.keras",
+        "--card", "models/cnn.json", "--history", "plots/train_cnn/history.csv",
+    ]  # fmt: skip
+
+
+def test_main_writes_model_card_history_and_tracks_them(
+    stage_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = stage_dir({"train_cnn.epochs": 2})
+    train, val = _splits(root)
+    views = []
+    real_load = params_lib.load
+    monkeypatch.setattr(params_lib, "load", lambda stage: views.append(real_load(stage)) or views[-1])
+
+    train_cnn.main(_args(train, val))
+
+    model_file = root / "models" / "cnn.keras"
+    card = json.loads((root / "models" / "cnn.json").read_text())
+    assert card["sha256"] == cards.file_sha256(model_file)
+    assert cards.read_card(model_file, "train_cnn") == card
+    assert (card["name"], card["file"], card["format"], card["input"]) == ("cnn", "cnn.keras", "keras", "image")
+    assert card["device"] == "cpu"
+    assert card["inputs"] == {str(train): io.file_md5(train), str(val): io.file_md5(val)}
+    assert card["params"]["train_cnn.epochs"] == 2 and card["params"]["base.seed"] == 42
+    assert card["epochs_run"] == 2 and card["train_size"] == 200
+
+    rows = list(csv.DictReader((root / "plots" / "train_cnn" / "history.csv").read_text().splitlines()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert card["metrics"]["val_accuracy"] == pytest.approx(float(rows[-1]["val_accuracy"]), abs=1e-6)
+
+    run = mlflow.get_run(card["mlflow_run_id"])
+    assert run.data.tags["dvc.stage"] == "train_cnn"
+    client = mlflow.MlflowClient()
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert sorted(steps) == [1, 2]
+    assert run.data.metrics["best_epoch"] == 2 and run.data.metrics["epochs_run"] == 2
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"cnn.json", "history.csv"} <= artifacts
+    assert {i.dataset.digest for i in run.inputs.dataset_inputs} == set(card["inputs"].values())
+
+    # every declared key is read, and nothing else
+    (view,) = views
+    assert view.reads == set(view.flat())
+
+    probs = models.load_cnn(model_file).predict(to_model_input(np.load(val)["x"][:5]), verbose=0)
+    assert probs.shape == (5, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_main_missing_input_names_the_stage_to_rerun(stage_dir: Callable[..., Path], caplog) -> None:
+    root = stage_dir()
+    _, val = _splits(root)
+    with pytest.raises(SystemExit) as info:
+        train_cnn.main(_args(root / "nope.npz", val))
+    assert info.value.code == 1
+    assert "nope.npz: file not found" in caplog.text and "dvc repro --force augment" in caplog.text
+    assert not (root / "models").exists()
+
+
+def test_main_impossible_stack_writes_nothing(stage_dir: Callable[..., Path], caplog) -> None:
+    root = stage_dir({"train_cnn.kernel_size": 5})
+    train, val = _splits(root)
+    with pytest.raises(SystemExit) as info:
+        train_cnn.main(_args(train, val))
+    assert info.value.code == 1
+    assert "train_cnn.kernel_size = 5" in caplog.text
+    assert not (root / "models").exists() and not (root / "plots").exists()
+
+
+def test_main_wants_a_keras_model_path(stage_dir: Callable[..., Path]) -> None:
+    root = stage_dir()
+    train, val = _splits(root)
+    args = _args(train, val)
+    args[args.index("models/cnn.keras")] = "models/cnn.h5"
+    with pytest.raises(SystemExit) as info:
+        train_cnn.main(args)
+    assert info.value.code == 2
