@@ -1,0 +1,165 @@
+"""The linear baselines: Ridge and Lasso regressions on one-hot targets, class = argmax of the ten outputs.
+
+These are the optimisation article's L2 / L1 regularised least-squares models. Shared by train_baseline
+(builds, fits, saves) and evaluate (loads, predicts). Models are stored with skops, a documented format
+that is loaded without unpickling, and :func:`load_sklearn` refuses any type outside :data:`ALLOWED_TYPES`.
+
+Speed: a plain ``Lasso`` runs coordinate descent over the 55000×784 data matrix, one pass per target and
+sweep. With ``precompute=True`` scikit-learn forms the Gram matrix ``XᵀX`` and ``Xᵀy`` once (from the
+centered data, as its intercept handling requires) and coordinate descent works on the 784×784 Gram
+alone: the same iterates, 1–2 s instead of 18–24 s on an idle 2-core machine, and instead of minutes when
+other jobs compete for memory bandwidth (``python -m benchmarks baselines``). Both models are fitted in
+float64, where the two Lasso paths agree to rounding (~1e-13; a float32 Gram differs by ~1e-4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import Lasso, Ridge
+
+from stages.lib import io
+from stages.lib.errors import UserError
+
+BASELINES = ("ridge", "lasso")
+
+# Every type a saved Ridge or Lasso may contain, as "<module>.<qualname>". Anything else in a file is refused
+# before loading, even types skops trusts by default (it trusts every scikit-learn estimator).
+ALLOWED_TYPES = frozenset(
+    {
+        "sklearn.linear_model._ridge.Ridge",
+        "sklearn.linear_model._coordinate_descent.Lasso",
+        "numpy.ndarray",
+        "numpy.dtype",
+        "numpy.float32",
+        "numpy.float64",
+        "numpy.int32",
+        "numpy.int64",
+        "builtins.dict",
+        "builtins.list",
+        "builtins.tuple",
+        "builtins.str",
+        "builtins.int",
+        "builtins.float",
+        "builtins.bool",
+    }
+)
+
+LinearBaseline = Ridge | Lasso
+
+
+def build_baseline(name: str, alpha: float, max_iter: int | None = None, tol: float | None = None) -> LinearBaseline:
+    """An unfitted baseline: ``ridge`` → ``Ridge(alpha)``; ``lasso`` → ``Lasso(alpha, max_iter, tol)`` on a Gram matrix.
+
+    ``max_iter`` and ``tol`` apply to the Lasso's coordinate descent (``None``: scikit-learn's defaults,
+    1000 and 1e-4); Ridge has a closed-form solution and refuses them. Both solvers are deterministic
+    (Ridge: Cholesky; Lasso: cyclic coordinate descent), so no ``random_state`` is involved.
+    Raises ``ValueError`` for an unknown name or a parameter the model does not use.
+    """
+    if name == "ridge":
+        if max_iter is not None or tol is not None:
+            raise ValueError("ridge has a closed-form solution: max_iter and tol do not apply")
+        return Ridge(alpha=alpha)
+    if name == "lasso":
+        defaults = Lasso()
+        return Lasso(
+            alpha=alpha,
+            max_iter=defaults.max_iter if max_iter is None else max_iter,
+            tol=defaults.tol if tol is None else tol,
+            # Gram matrix of the centered data, computed once for all ten targets: same solution as
+            # precompute=False, without a pass over the full data matrix per coordinate-descent sweep
+            precompute=True,
+            selection="cyclic",
+        )
+    raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
+
+
+def fit_baseline(model: LinearBaseline, x_flat: np.ndarray, y_onehot: np.ndarray) -> LinearBaseline:
+    """Fit ``model`` to flat inputs ``(n, 784)`` and one-hot targets ``(n, 10)``, in float64; return it.
+
+    Float64 keeps the fast Lasso path on the plain fit's solution and Ridge's normal equations
+    well conditioned. scikit-learn warns (``ConvergenceWarning``) when the Lasso stops at ``max_iter``.
+    """
+    return model.fit(np.asarray(x_flat, dtype=np.float64), np.asarray(y_onehot, dtype=np.float64))
+
+
+def predict_scores(model: LinearBaseline, x_flat: np.ndarray) -> np.ndarray:
+    """The ten regression outputs per image ``(n, 10)``: scores, not probabilities (they can be < 0 or > 1)."""
+    return np.asarray(model.predict(x_flat))
+
+
+def predict_classes(model: LinearBaseline, x_flat: np.ndarray) -> np.ndarray:
+    """Predicted digit per image ``(n,)``: the argmax of the regression outputs."""
+    return predict_scores(model, x_flat).argmax(axis=1)
+
+
+def save_sklearn(model: LinearBaseline, path: str | os.PathLike[str]) -> None:
+    """Save ``model`` to ``path`` in skops format, atomically."""
+    import skops.io
+
+    with io.atomic_path(path) as tmp:
+        skops.io.dump(model, tmp)
+
+
+def _types_in_schema(node: Any, found: set[str]) -> None:
+    """Collect ``module.class`` of every node in a skops ``schema.json`` (read as plain JSON, nothing imported)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("__class__"), str):
+            found.add(f"{node.get('__module__')}.{node['__class__']}")
+        for value in node.values():
+            _types_in_schema(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _types_in_schema(value, found)
+
+
+def audit(path: str | os.PathLike[str]) -> tuple[list[str], set[str]]:
+    """Types a skops file would instantiate: ``(untrusted, named)``, without loading it.
+
+    ``untrusted`` is skops' own audit (types outside its default trust); ``named`` is every ``module.class``
+    in the file's schema, read as plain JSON. Raises :class:`UserError` when the file is not a skops archive.
+    """
+    import skops.io
+
+    try:
+        untrusted = skops.io.get_untrusted_types(file=Path(path))
+        with zipfile.ZipFile(path) as zf:
+            schema = json.loads(zf.read("schema.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path}: not a readable skops file ({exc})") from None
+    named: set[str] = set()
+    _types_in_schema(schema, named)
+    return untrusted, named
+
+
+def load_sklearn(path: str | os.PathLike[str], stage: str = "train_baseline") -> LinearBaseline:
+    """Load a Ridge or Lasso saved by :func:`save_sklearn`, refusing any type outside :data:`ALLOWED_TYPES`.
+
+    Check the file's sha256 against its card first (:func:`stages.lib.cards.read_card`). Raises
+    :class:`UserError` (naming ``stage`` to re-run) for an unreadable file, a disallowed type, or an object
+    that is not a fitted Ridge or Lasso.
+    """
+    import skops.io
+
+    fix = f"Re-create it with `dvc repro --force {stage}`."
+    untrusted, named = audit(path)
+    refused = sorted((set(untrusted) | named) - ALLOWED_TYPES)
+    if refused:
+        raise UserError(
+            f"{path}: contains types a Ridge/Lasso model never holds ({', '.join(refused)}); refusing to load it. {fix}"
+        )
+    try:
+        # Every type is allow-listed by now; trust exactly the ones skops asks about
+        model = skops.io.load(path, trusted=untrusted)
+    except Exception as exc:  # skops raises many types for a malformed archive; the message says which
+        raise UserError(f"{path}: cannot load it with skops ({type(exc).__name__}: {exc}). {fix}") from None
+    if not isinstance(model, Ridge | Lasso):
+        raise UserError(f"{path}: holds a {type(model).__name__}, not a Ridge or Lasso. {fix}")
+    if not hasattr(model, "coef_"):
+        raise UserError(f"{path}: holds an unfitted {type(model).__name__}. {fix}")
+    return model
