@@ -1,0 +1,293 @@
+"""evaluate: score every trained model on the held-out test set and compare them.
+
+Reads the prepared ``test.npz`` (from prepare), each ``--model NAME=PATH`` with the card beside it (its
+sha256 is checked before anything is loaded; ``cnn`` comes from train_cnn, any other name from
+``train_baseline@NAME``) and params ``evaluate.*``. Each model gets the input its card names, built by the
+same preprocessing function its training used. Writes:
+
+- ``--metrics`` (JSON): per model ``test_accuracy``, ``test_macro_f1``, ``test_log_loss`` (only for models
+  that output class probabilities) and ``per_class`` precision and recall;
+- ``--report`` (Markdown): a comparison table, with each model's validation accuracy, training time and
+  device taken from its card;
+- ``<plots-dir>/confusion_<NAME>.csv`` (``actual,predicted``, one row per test image, for DVC's
+  confusion template) and ``<plots-dir>/misclassified.png`` (misclassified test digits of the CNN).
+
+MLflow: the evaluate run gets ``<NAME>.test_accuracy`` etc. and the outputs as artifacts; each model's
+training run (id from its card) gets ``test_accuracy``, ``test_macro_f1``, ``test_log_loss``, so the
+compare view lines the models up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+from stages.lib import baselines, cards, io, preprocess, runtime
+from stages.lib.errors import UserError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+STAGE = "evaluate"
+TEST_SPEC = {"x": ((None, 28, 28), "uint8"), "y": ((None,), "uint8")}
+METRIC_NAMES = ("test_accuracy", "test_macro_f1", "test_log_loss")  # the same names for every model
+CNN = "cnn"
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+PREPROCESS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "image": preprocess.to_model_input,
+    "flat": preprocess.to_flat_input,
+}
+LABELS = list(range(preprocess.NUM_CLASSES))
+
+
+def training_stage(name: str) -> str:
+    """The DVC stage that produces model ``name``: train_cnn for ``cnn``, else ``train_baseline@<name>``."""
+    return "train_cnn" if name == CNN else f"train_baseline@{name}"
+
+
+def model_arg(text: str) -> tuple[str, Path]:
+    """Parse ``NAME=PATH`` (argparse type)."""
+    name, sep, path = text.partition("=")
+    if not sep or not _NAME.match(name) or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH with NAME of letters, digits, _ or -, got {text!r}")
+    return name, Path(path)
+
+
+def predict_batched(
+    predict: Callable[[np.ndarray], np.ndarray],
+    to_input: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    batch_size: int,
+) -> np.ndarray:
+    """Model outputs ``(n, 10)`` for uint8 ``images``, preprocessed and predicted ``batch_size`` at a time."""
+    outputs = [predict(to_input(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    return np.concatenate(outputs).astype(np.float64, copy=False)
+
+
+def is_probabilities(outputs: np.ndarray, atol: float = 1e-3) -> bool:
+    """Whether each row of ``outputs`` is a probability distribution (a softmax), up to float rounding."""
+    return bool(
+        np.isfinite(outputs).all()
+        and (outputs >= 0).all()
+        and (outputs <= 1 + atol).all()
+        and np.allclose(outputs.sum(axis=1), 1.0, atol=atol)
+    )
+
+
+def log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class (natural log), probabilities clipped away from 0."""
+    p = probs[np.arange(len(y_true)), y_true]
+    return float(-np.mean(np.log(np.clip(p, np.finfo(np.float64).eps, 1.0))))
+
+
+def score(y_true: np.ndarray, outputs: np.ndarray, probabilistic: bool) -> dict[str, Any]:
+    """Test metrics of one model from its outputs ``(n, 10)``; predicted class = argmax.
+
+    Returns ``test_accuracy``, ``test_macro_f1``, ``test_log_loss`` (only when ``probabilistic``: log loss
+    needs class probabilities) and ``per_class`` ``{"0": {"precision", "recall"}, ...}`` (0 for a class never
+    predicted).
+    """
+    y_pred = outputs.argmax(axis=1)
+    precision, recall, _, _ = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, zero_division=0)
+    metrics: dict[str, Any] = {
+        "test_accuracy": float(accuracy_score(y_true, y_pred)),
+        "test_macro_f1": float(f1_score(y_true, y_pred, labels=LABELS, average="macro", zero_division=0)),
+    }
+    if probabilistic:
+        metrics["test_log_loss"] = log_loss(y_true, outputs)
+    metrics["per_class"] = {
+        str(c): {"precision": float(p), "recall": float(r)} for c, p, r in zip(LABELS, precision, recall, strict=True)
+    }
+    return metrics
+
+
+def confusion_csv(y_true: np.ndarray, y_pred: np.ndarray) -> str:
+    """``actual,predicted`` CSV with one row per test image (the input of DVC's confusion template)."""
+    rows = "".join(f"{a},{p}\n" for a, p in zip(y_true.tolist(), y_pred.tolist(), strict=True))
+    return "actual,predicted\n" + rows
+
+
+def misclassified_figure(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, limit: int, model: str) -> Figure:
+    """A grid of the first ``limit`` misclassified test digits (in test-set order), each titled "true X / pred Y"."""
+    from matplotlib.figure import Figure  # renders with Agg; no pyplot, so no global backend state
+
+    wrong = np.flatnonzero(y_true != y_pred)
+    shown = wrong[:limit]
+    cols = max(1, math.ceil(math.sqrt(len(shown))))
+    rows = max(1, math.ceil(len(shown) / cols))
+    fig = Figure(figsize=(1.3 * cols + 0.4, 1.5 * rows + 0.6), layout="constrained")
+    fig.suptitle(f"{model}: {len(shown)} of {len(wrong)} misclassified test digits (of {len(y_true)})")
+    if not len(shown):
+        fig.text(0.5, 0.5, "no misclassified digits", ha="center", va="center")
+    for k, i in enumerate(shown):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(f"true {y_true[i]} / pred {y_pred[i]}", fontsize=8)
+        ax.set_axis_off()
+    return fig
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def report_markdown(results: dict[str, dict[str, Any]], model_cards: dict[str, dict[str, Any]], n_test: int) -> str:
+    """The comparison table: one row per model, test metrics plus what its card says about training."""
+    lines = [
+        "# Model comparison on the test set",
+        "",
+        f"{n_test} held-out test images; validation accuracy, training time and device come from each model's card.",
+        "",
+        "| model | test accuracy | macro F1 | log loss | validation accuracy | train wall time (s) | train device |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    no_log_loss = []
+    for name, metrics in results.items():
+        card = model_cards[name]
+        if "test_log_loss" not in metrics:
+            no_log_loss.append(name)
+        log_loss_cell = _fmt(metrics.get("test_log_loss")) + ("" if "test_log_loss" in metrics else " ¹")
+        lines.append(
+            f"| {name} | {_fmt(metrics['test_accuracy'])} | {_fmt(metrics['test_macro_f1'])} | {log_loss_cell} "
+            f"| {_fmt(card['metrics'].get('val_accuracy'))} | {_fmt(card.get('wall_time_s'), 1)} | {card['device']} |"
+        )
+    if no_log_loss:
+        lines += [
+            "",
+            f"¹ Log loss needs class probabilities, so it is not defined for {_join(no_log_loss)}: "
+            "the linear baselines regress one-hot targets and their ten outputs are scores (they can be negative "
+            "or exceed 1), not a probability distribution. Their class is the argmax of the outputs.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def load_predictor(path: Path, card: dict[str, Any], stage: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Load the model at ``path`` with the loader its card's format names; return its batch predict function."""
+    if card["format"] == "keras":
+        from stages.lib.models import load_cnn  # imports Keras; only when a Keras model is evaluated
+
+        cnn = load_cnn(path)
+        return lambda x: np.asarray(cnn.predict_on_batch(x))
+    if card["format"] == "skops":
+        model = baselines.load_sklearn(path, stage=stage)
+        return lambda x: baselines.predict_scores(model, x)
+    raise UserError(f"{path}: its card names format {card['format']!r}, expected keras or skops")
+
+
+def log_on_training_runs(results: dict[str, dict[str, Any]], model_cards: dict[str, dict[str, Any]]) -> None:
+    """Add each model's test metrics to its training run (id from its card), so MLflow's compare view lines up.
+
+    A training run missing from this tracking store (model trained elsewhere, database replaced) gets a
+    warning: the metrics are in the evaluate run and in the metrics file either way.
+    """
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    for name, metrics in results.items():
+        run_id = model_cards[name]["mlflow_run_id"]
+        batch = [Metric(key, metrics[key], now, 0) for key in METRIC_NAMES if key in metrics]
+        try:
+            client.log_batch(run_id, metrics=batch)
+        except MlflowException as exc:
+            log.warning(
+                "%s: cannot add the test metrics to its training run %s (%s); they are in this run only",
+                name,
+                run_id,
+                exc.message.splitlines()[0],
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--test", type=Path, required=True, help="prepared test.npz")
+    parser.add_argument(
+        "--model", type=model_arg, action="append", required=True, metavar="NAME=PATH", help="a model (repeatable)"
+    )
+    parser.add_argument("--metrics", type=Path, required=True, help="output metrics JSON")
+    parser.add_argument("--report", type=Path, required=True, help="output Markdown comparison")
+    parser.add_argument("--plots-dir", type=Path, required=True, help="output directory of the plots")
+    args = parser.parse_args(argv)
+    names = [name for name, _ in args.model]
+    if len(set(names)) != len(names):
+        parser.error(f"--model names must be unique, got {', '.join(names)}")
+
+    def body(ctx: runtime.StageContext) -> None:
+        p = ctx.params.evaluate
+        batch_size, grid = p.batch_size, p.misclassified_grid
+
+        # Check every model's hash against its card before loading anything or writing any output
+        model_cards = {name: cards.read_card(path, stage=training_stage(name)) for name, path in args.model}
+        for name, card in model_cards.items():
+            if card["input"] not in PREPROCESS:
+                raise UserError(f"{name}: its card names input {card['input']!r}, expected one of image, flat")
+        test = io.load_arrays(args.test, TEST_SPEC, stage="prepare")
+        ctx.tracker.log_input(args.test, context="test")
+        x_test, y_test = test["x"], test["y"].astype(np.int64)
+
+        results: dict[str, dict[str, Any]] = {}
+        predictions: dict[str, np.ndarray] = {}
+        for name, path in args.model:
+            card = model_cards[name]
+            predict = load_predictor(path, card, training_stage(name))
+            outputs = predict_batched(predict, PREPROCESS[card["input"]], x_test, batch_size)
+            if outputs.shape != (len(y_test), preprocess.NUM_CLASSES):
+                raise UserError(f"{path}: outputs shape {outputs.shape}, expected ({len(y_test)}, 10)")
+            probabilistic = card["format"] == "keras" and is_probabilities(outputs)
+            if card["format"] == "keras" and not probabilistic:
+                log.warning("%s: outputs are not softmax probabilities; log loss omitted", name)
+            results[name] = score(y_test, outputs, probabilistic)
+            predictions[name] = outputs.argmax(axis=1)
+            log.info(
+                "%s: test accuracy %.4f, macro F1 %.4f, log loss %s",
+                name,
+                results[name]["test_accuracy"],
+                results[name]["test_macro_f1"],
+                _fmt(results[name].get("test_log_loss")),
+            )
+
+        # Outputs
+        io.write_json(args.metrics, results)
+        io.write_text(args.report, report_markdown(results, model_cards, len(y_test)))
+        plots = []
+        for name, y_pred in predictions.items():
+            plots.append(args.plots_dir / f"confusion_{name}.csv")
+            io.write_text(plots[-1], confusion_csv(y_test, y_pred))
+        shown = CNN if CNN in predictions else next(iter(predictions))
+        fig = misclassified_figure(x_test, y_test, predictions[shown], grid, shown)
+        plots.append(args.plots_dir / "misclassified.png")
+        io.write_bytes(plots[-1], io.png_bytes(fig))
+
+        # Tracking: this run, then each model's training run
+        ctx.tracker.log_metrics(
+            {f"{name}.{key}": m[key] for name, m in results.items() for key in METRIC_NAMES if key in m}
+        )
+        for path in (args.metrics, args.report):
+            ctx.tracker.log_artifact(path)
+        for path in plots:
+            ctx.tracker.log_artifact(path, artifact_path="plots")
+        log_on_training_runs(results, model_cards)
+
+    runtime.run_stage(STAGE, STAGE, body, uses_tensorflow=True)
+
+
+if __name__ == "__main__":
+    main()
