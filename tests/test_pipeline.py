@@ -25,6 +25,8 @@ from tests.mnist_fixture import make_mnist
 pytestmark = pytest.mark.integration
 
 ALL_STAGES = {"fetch", "prepare", "augment", "train_cnn", "train_baseline@ridge", "train_baseline@lasso", "evaluate"}
+# Pipeline outputs (and the reference run's committed metrics and plots) are not copied
+DVC_OUTPUT_DIRS = {"data", "models", "metrics", "plots", "mlartifacts"}
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "pipeline-test",
     "GIT_AUTHOR_EMAIL": "pipeline-test@localhost",
@@ -55,15 +57,13 @@ def copy_repo(dest: Path) -> Path:
         check=True,
     ).stdout.split("\0")
     for name in filter(None, listed):
+        if name.split("/")[0] in DVC_OUTPUT_DIRS:
+            continue
         src = REPO / name
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
-    for stale in ("dvc.lock", "metrics", "plots"):  # outputs of the repository's own reference run
-        path = dest / stale
-        if path.is_dir():
-            shutil.rmtree(path)
-        path.unlink(missing_ok=True)
+    (dest / "dvc.lock").unlink(missing_ok=True)  # the repository's own reference run
     return dest
 
 
