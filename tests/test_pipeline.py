@@ -225,6 +225,28 @@ def test_staleness_matrix(pipeline: Path) -> None:
     assert not wrong, f"unexpected stale stages: {wrong}"
 
 
+def snapshot(root: Path) -> dict[str, object]:
+    """md5 of every data file, plot data and metrics; the weights of the CNN and the baselines."""
+    from stages.lib.baselines import load_sklearn
+    from stages.lib.models import load_cnn
+
+    files = [*sorted((root / "data").rglob("*.npz")), root / "metrics" / "evaluate.json"]
+    files += sorted((root / "plots").rglob("*.csv"))
+    state: dict[str, object] = {str(f.relative_to(root)): io.file_md5(f) for f in files}
+    for name in ("ridge", "lasso"):
+        model = load_sklearn(root / "models" / f"{name}.skops")
+        state[name] = (model.coef_.tobytes(), model.intercept_.tobytes())
+    state["cnn"] = [w.tobytes() for w in load_cnn(root / "models" / "cnn.keras").get_weights()]
+    return state
+
+
+def test_forced_rerun_on_cpu_is_bit_identical(pipeline: Path) -> None:
+    before = snapshot(pipeline)
+    run(pipeline, "dvc", "repro", "--force")
+    after = snapshot(pipeline)
+    assert [k for k in before if before[k] != after[k]] == []
+
+
 def test_exp_run_lasso_alpha_reruns_only_lasso_and_evaluate(pipeline: Path) -> None:
     before = {r.info.run_id for r in mlflow_runs(pipeline)}
     out = run(pipeline, "dvc", "exp", "run", "-S", "baselines.lasso.alpha=0.01").stdout
