@@ -206,12 +206,12 @@ def main(variants: list[str] | None = None, repeats: int = 1, seed: int = SEED) 
         f"CNN training, {EPOCHS} epochs, batch {BATCH}, seed {seed}, train data/prepared/train.npz; "
         f"median of {repeats} run(s); speed-up vs {'source' if 'source' in summary else names[0]}"
     )
-    header = f"{'variant':<18}{'how':<43}{'precision':<16}{'spe':>4}{'train n':>9}"
+    header = f"{'variant':<20}{'how':<43}{'precision':<16}{'spe':>4}{'train n':>9}"
     print(f"{header}{'fit s':>8}{'speed-up':>9}{'CPU s':>8}{'test acc':>10}{'peak RSS':>10}")
     for name, s in summary.items():
         how, precision, spe, _ = VARIANTS[name]
         print(
-            f"{name:<18}{HOW[how]:<43}{precision:<16}{spe:>4}{s['train_size']:>9}{s['fit_s']:>8.1f}"
+            f"{name:<20}{HOW[how]:<43}{precision:<16}{spe:>4}{s['train_size']:>9}{s['fit_s']:>8.1f}"
             f"{base / s['fit_s']:>8.2f}×{s['cpu_s']:>8.1f}{s['test_accuracy']:>10.4f}{s['peak_rss_mb']:>8.0f}MB"
         )
     return summary

@@ -112,6 +112,19 @@ def test_save_is_byte_stable_and_load_restores_the_model(tmp_path: Path) -> None
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
+def test_equal_models_built_apart_save_to_equal_bytes(tmp_path: Path) -> None:
+    # Keras saves shared objects with their memory address; the factory must not share any. (Clearing the
+    # session resets layer names, as a fresh process does.)
+    saved = []
+    for i in range(2):
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(0)
+        model = models.build_cnn(dropout=0.1, l2=1e-4, precision="mixed_bfloat16")
+        models.save_cnn(model, tmp_path / f"{i}.keras")
+        saved.append((tmp_path / f"{i}.keras").read_bytes())
+    assert saved[0] == saved[1]
+
+
 def test_load_of_a_broken_file_names_it(tmp_path: Path) -> None:
     path = tmp_path / "cnn.keras"
     path.write_bytes(b"not a zip")

@@ -43,6 +43,13 @@ def test_train_learns_tiny_data(data: dict[str, np.ndarray]) -> None:
     assert np.mean(predicted == data["y_test"]) == pytest.approx(history["val_accuracy"][-1])
 
 
+def test_train_bfloat16_with_more_steps_per_execution_than_steps(data: dict[str, np.ndarray]) -> None:
+    # 400 images at batch 32 are 13 steps per epoch, fewer than one execution of 50
+    model, history = _fit(data, epochs=2, precision="mixed_bfloat16", steps_per_execution=50, learning_rate=3e-3)
+    assert model.layers[0].compute_dtype == "bfloat16"
+    assert len(history["loss"]) == 2 and history["loss"][1] < history["loss"][0]
+
+
 def test_train_is_deterministic_for_a_seed(data: dict[str, np.ndarray]) -> None:
     first, h1 = _fit(data, epochs=1, seed=5, dropout=0.2)
     second, h2 = _fit(data, epochs=1, seed=5, dropout=0.2)

@@ -82,15 +82,18 @@ def build_cnn(
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"train_cnn.dropout = {dropout!r}: expected a fraction in [0, 1)")
 
-    # The policy is set per layer, not globally, so building one model never changes the next one
-    policy = keras.DTypePolicy(precision)
-    regularizer = keras.regularizers.L2(l2) if l2 > 0 else None
+    # The policy is set per layer, not globally, so building one model never changes the next one. It is
+    # passed by name: a shared policy object would be saved with its memory address, changing the file bytes.
+    policy = precision
+
+    def regularizer() -> keras.regularizers.Regularizer | None:  # one per layer, for the same reason
+        return keras.regularizers.L2(l2) if l2 > 0 else None
 
     # Feature extractor: conv blocks, max-pooling after all but the last
     stack: list[keras.layers.Layer] = [keras.Input(shape=INPUT_SHAPE)]
     for i, n_filters in enumerate(filters):
         stack.append(
-            layers.Conv2D(n_filters, kernel_size, activation="relu", kernel_regularizer=regularizer, dtype=policy)
+            layers.Conv2D(n_filters, kernel_size, activation="relu", kernel_regularizer=regularizer(), dtype=policy)
         )
         if i < len(filters) - 1:
             stack.append(layers.MaxPooling2D(pool_size=2, dtype=policy))
@@ -100,8 +103,8 @@ def build_cnn(
     if dropout > 0:
         stack.append(layers.Dropout(dropout, dtype=policy))
     stack += [
-        layers.Dense(dense_units, activation="relu", kernel_regularizer=regularizer, dtype=policy),
-        layers.Dense(NUM_CLASSES, activation="softmax", kernel_regularizer=regularizer, dtype="float32"),
+        layers.Dense(dense_units, activation="relu", kernel_regularizer=regularizer(), dtype=policy),
+        layers.Dense(NUM_CLASSES, activation="softmax", kernel_regularizer=regularizer(), dtype="float32"),
     ]
     model = keras.Sequential(stack, name="mnist_cnn")
 
