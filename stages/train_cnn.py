@@ -40,20 +40,12 @@ def train(
     y_val: np.ndarray,
     *,
     seed: int,
-    filters: Sequence[int] = (32, 64, 64),
-    kernel_size: int = 3,
-    dense_units: int = 64,
-    dropout: float = 0.0,
-    l2: float = 0.0,
-    optimizer: str = "adam",
-    learning_rate: float = 1e-3,
-    precision: str = "float32",
-    steps_per_execution: int = 1,
     batch_size: int = 64,
     epochs: int = 5,
     early_stopping_patience: int = 0,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 2,
+    **model_kwargs: Any,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Build the CNN (:func:`stages.lib.models.build_cnn`) and fit it; return the model and its history.
 
@@ -62,24 +54,16 @@ def train(
     deterministic ops, so equal inputs give equal weights on the same machine. With
     ``early_stopping_patience`` > 0, training stops after that many epochs without a lower validation
     loss and the weights of the best epoch are restored. ``callbacks`` are added to Keras' (e.g. a
-    tracker); ``verbose`` is Keras' (1 progress bar, 2 one line per epoch, 0 silent).
-    The history maps ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy`` to one float per epoch run.
+    tracker); ``verbose`` is Keras' (1 progress bar, 2 one line per epoch, 0 silent). ``model_kwargs``
+    go to ``build_cnn`` (filters, kernel_size, dense_units, dropout, l2, optimizer, learning_rate,
+    precision, steps_per_execution). The history maps ``loss``, ``accuracy``, ``val_loss``,
+    ``val_accuracy`` to one float per epoch run.
     """
     import keras
     import tensorflow as tf
 
     runtime.seed_everything(seed, tensorflow=True)
-    model = models.build_cnn(
-        filters=filters,
-        kernel_size=kernel_size,
-        dense_units=dense_units,
-        dropout=dropout,
-        l2=l2,
-        optimizer=optimizer,
-        learning_rate=learning_rate,
-        precision=precision,
-        steps_per_execution=steps_per_execution,
-    )
+    model = models.build_cnn(**model_kwargs)
 
     # Keep the data resident in TensorFlow; reshuffle it every epoch (seeded), prefetch the next batches
     train_ds = (
