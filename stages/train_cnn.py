@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         ctx.tracker.log_metrics(
             {"best_epoch": best + 1, "epochs_run": len(history["loss"]), "train_wall_time_s": wall_time}
         )
+        ctx.tracker.log_artifact(args.model)
         ctx.tracker.log_artifact(args.card)
         ctx.tracker.log_artifact(args.history)
 

@@ -135,7 +135,7 @@ def test_main_writes_model_card_history_and_tracks_them(
     assert sorted(steps) == [1, 2]
     assert run.data.metrics["best_epoch"] == 2 and run.data.metrics["epochs_run"] == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"cnn.json", "history.csv"} <= artifacts
+    assert {"cnn.keras", "cnn.json", "history.csv"} <= artifacts
     assert {i.dataset.digest for i in run.inputs.dataset_inputs} == set(card["inputs"].values())
 
     # every declared key is read, and nothing else
