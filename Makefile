@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands (stages/run) and tests find the project's interpreter first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test lint bench clean
+.PHONY: setup repro test lint bench server clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ test: lint
 
 bench: setup
 	$(BIN)/python -m benchmarks
+
+# MLflow tracking server for the repository's store, on the loopback interface only
+MLFLOW_PORT ?= 5000
+server: setup
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath mlflow.db) \
+		--artifacts-destination $(abspath mlartifacts) --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf $(VENV)

@@ -1,0 +1,76 @@
+"""A stage logs to a real `mlflow server` process on 127.0.0.1 when MLFLOW_TRACKING_URI points at it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from stages import prepare
+from stages.lib import io
+from tests.mnist_fixture import make_mnist
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen(
+        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
+        + ["--artifacts-destination", str(root / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_stage_logs_to_the_server(server: str, stage_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    root = stage_dir({"prepare.val_size": 20, "settings.mlflow_experiment": "server-test"})
+    io.save_arrays(root / "mnist.npz", make_mnist(100, 20))
+    prepare.main(["--raw", "mnist.npz", "--out-dir", "out"])
+
+    client = MlflowClient(tracking_uri=server)
+    experiment = client.get_experiment_by_name("server-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.data.tags["dvc.stage"] for r in runs] == ["prepare"]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["prepare.val_size"] == "20"
+    assert run.data.metrics["val_size"] == 20
+    assert run.inputs.dataset_inputs[0].dataset.digest == io.file_md5(root / "mnist.npz")
