@@ -13,6 +13,9 @@ import json
 import logging
 import os
 import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -45,6 +48,42 @@ def repo_root() -> Path:
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` when set, else the SQLite file at the repository root."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / DB_FILE}"
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with any ``user:password@`` (or ``token@``) credentials replaced by ``***``, for messages."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """For an http(s) tracking URI, GET ``<uri>/health`` once with a short timeout; raise :class:`UserError`
+    when no server answers, so a stage fails before doing any work (MLflow itself would retry for minutes).
+
+    Any HTTP answer, even an error status, means a server is there. Credentials are never shown.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    host = parts.netloc.rsplit("@", 1)[-1]  # urllib does not take credentials in the URL; /health needs none
+    url = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):  # scheme checked above
+            pass
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise UserError(
+            f"MLflow tracking server at {redact_uri(uri)} is not reachable ({reason}); "
+            "start it or unset MLFLOW_TRACKING_URI (default: the repository's mlflow.db)"
+        ) from None
 
 
 def git_commit(root: Path) -> str:
@@ -102,11 +141,13 @@ class StageTracker:
 @contextlib.contextmanager
 def stage_run(stage: str, params: StageParams, device: str) -> Iterator[StageTracker]:
     """Open the MLflow run of one stage, log its declared params and tags, and yield its tracker."""
+    uri = tracking_uri()
+    check_reachable(uri)  # before importing MLflow: a dead server fails the stage in well under a second
+
     import mlflow
     from mlflow.exceptions import MlflowException
 
     root = repo_root()
-    uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     name = params.settings.mlflow_experiment
     try:
@@ -118,7 +159,7 @@ def stage_run(stage: str, params: StageParams, device: str) -> Iterator[StageTra
             experiment_id = experiment.experiment_id
     except MlflowException as exc:
         raise UserError(
-            f"MLflow tracking at {uri} is not usable ({exc.message.splitlines()[0]}); "
+            f"MLflow tracking at {redact_uri(uri)} is not usable ({exc.message.splitlines()[0]}); "
             "fix or unset MLFLOW_TRACKING_URI (default: the repository's mlflow.db)"
         ) from None
     tags = {"dvc.stage": stage, "git.commit": git_commit(root), "device": device}
@@ -126,5 +167,5 @@ def stage_run(stage: str, params: StageParams, device: str) -> Iterator[StageTra
         tags["dvc.exp_name"] = exp_name
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
         mlflow.log_params({k: _param_value(v) for k, v in params.flat().items()})
-        log.info("MLflow run %s (experiment '%s', %s)", run.info.run_id, name, uri)
+        log.info("MLflow run %s (experiment '%s', %s)", run.info.run_id, name, redact_uri(uri))
         yield StageTracker(run.info.run_id)
