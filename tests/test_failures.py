@@ -6,7 +6,11 @@ helpers of tests/test_pipeline.py); nothing here mocks DVC or MLflow, and nothin
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +20,11 @@ import pytest
 from stages import prepare
 from stages.lib import io
 from stages.lib.tracking import redact_uri
+from tests.conftest import set_params
 from tests.mnist_fixture import make_mnist
+from tests.test_pipeline import _env, copy_repo, run, tiny_profile
+
+CNN_OUTS = ("models/cnn.keras", "models/cnn.json", "plots/train_cnn/history.csv")
 
 
 def _free_port() -> int:
@@ -70,3 +78,92 @@ def test_dead_mlflow_server_message_hides_credentials(
 )
 def test_redact_uri(uri: str, shown: str) -> None:
     assert redact_uri(uri) == shown
+
+
+# --- the real `dvc repro`, killed or run twice at once, in a temporary copy of the repository -------------
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-profile copy of the repository, committed, with fetch..train_cnn already reproduced."""
+    root = copy_repo(tmp_path_factory.mktemp("failures") / "repo")
+    tiny_profile(root)
+    run(root, "git", "init", "-q", "-b", "main")
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-q", "-m", "tiny profile")
+    run(root, "dvc", "repro", "train_cnn")
+    return root
+
+
+def start(root: Path, log: Path, *args: str) -> subprocess.Popen[str]:
+    """Start ``args`` in ``root`` in a new process group (so the whole tree can be killed), output to ``log``."""
+    with open(log, "w") as fh:
+        return subprocess.Popen(
+            args,
+            cwd=root,
+            env={**_env(), "PYTHONUNBUFFERED": "1"},  # Keras' per-epoch lines reach the log as they happen
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+
+def wait_for(log: Path, text: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, f"exited {proc.returncode} before {text!r}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{log.read_text()}"
+        time.sleep(0.2)
+
+
+def _md5s(root: Path) -> dict[str, str | None]:
+    return {out: io.file_md5(root / out) if (root / out).exists() else None for out in CNN_OUTS}
+
+
+def _status(root: Path, *targets: str) -> dict:
+    return json.loads(run(root, "dvc", "status", "--json", *targets).stdout)
+
+
+def test_second_repro_fails_fast_while_one_runs(repo: Path, tmp_path: Path) -> None:
+    set_params(repo / "params.yaml", {"train_cnn.epochs": 10})
+    first = start(repo, tmp_path / "first.log", "dvc", "repro", "train_cnn")
+    try:
+        wait_for(tmp_path / "first.log", "Running stage 'train_cnn'", first)
+        begin = time.monotonic()
+        second = subprocess.run(["dvc", "repro"], cwd=repo, env=_env(), capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - begin
+        assert first.poll() is None, "the first repro ended before the second one tried"
+        assert first.wait(timeout=180) == 0, (tmp_path / "first.log").read_text()
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert second.returncode != 0
+    assert "lock" in (second.stdout + second.stderr).lower()
+    assert took < 30
+    assert _status(repo, "train_cnn") == {}
+    history = (repo / "plots" / "train_cnn" / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 10
+
+
+def test_sigkill_mid_stage_leaves_no_finished_looking_output(repo: Path, tmp_path: Path) -> None:
+    before = _md5s(repo)
+    set_params(repo / "params.yaml", {"train_cnn.epochs": 30})
+    proc = start(repo, tmp_path / "killed.log", "dvc", "repro", "train_cnn")
+    try:
+        wait_for(tmp_path / "killed.log", "Epoch 3/30", proc)  # two epochs done, the stage is mid-training
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # dvc, the shell and the stage: no `finally` runs anywhere
+        proc.wait()
+    after = _md5s(repo)
+    for out in CNN_OUTS:
+        assert after[out] is None or after[out] == before[out], out
+    assert "train_cnn" in _status(repo, "train_cnn")  # DVC does not take what is there as the stage's result
+    leftovers = [p for d in ("models", "plots/train_cnn") for p in (repo / d).iterdir() if p.name.endswith(".tmp")]
+    assert all(p.name.startswith(".") for p in leftovers), leftovers  # atomic temp files are hidden, never outs
+
+    set_params(repo / "params.yaml", {"train_cnn.epochs": 2})
+    run(repo, "dvc", "repro", "train_cnn")  # DVC's stale lock state from the killed run does not block it
+    assert _status(repo, "train_cnn") == {}
+    assert len((repo / "plots" / "train_cnn" / "history.csv").read_text().splitlines()) == 1 + 2
