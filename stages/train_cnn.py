@@ -10,7 +10,10 @@ MLflow as well. The test split is never read here: evaluate owns it.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -19,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.lib import cards, io, models, runtime
+from stages.lib import cards, io, models, runtime, tracking
 from stages.lib.errors import UserError
 from stages.lib.preprocess import NUM_CLASSES, one_hot, to_model_input
 
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 STAGE = "train_cnn"
 SPEC = {"x": ((None, 28, 28), "uint8"), "y": ((None,), "uint8")}
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+BACKUP_HISTORY = "history.json"  # beside BackupAndRestore's files: the history of the epochs it holds
 
 
 def train(
@@ -45,6 +49,7 @@ def train(
     early_stopping_patience: int = 0,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 2,
+    backup_dir: Path | None = None,
     **model_kwargs: Any,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Build the CNN (:func:`stages.lib.models.build_cnn`) and fit it; return the model and its history.
@@ -58,6 +63,13 @@ def train(
     go to ``build_cnn`` (filters, kernel_size, dense_units, dropout, l2, optimizer, learning_rate,
     precision, steps_per_execution). The history maps ``loss``, ``accuracy``, ``val_loss``,
     ``val_accuracy`` to one float per epoch run.
+
+    With ``backup_dir``, the weights, optimizer state, epoch and history are saved there after every
+    epoch (Keras ``BackupAndRestore``), and a backup found there at the start is resumed from. A resumed
+    run is close to, not bit-identical with, an uninterrupted one: the dataset's seeded reshuffle
+    sequence restarts with the new process, so the epochs after the resume see the examples in another
+    order. Early stopping's counters are not part of the backup either: they restart on resume. The
+    caller removes the directory once the outputs are written.
     """
     import keras
     import tensorflow as tf
@@ -79,6 +91,19 @@ def train(
     )
 
     all_callbacks = list(callbacks)
+    done: dict[str, list[float]] = {key: [] for key in HISTORY_KEYS}
+    if backup_dir is not None:
+        done = _resume_history(backup_dir, epochs)
+        recorded = {key: list(values) for key, values in done.items()}
+
+        def record(epoch: int, logs: dict[str, float] | None) -> None:
+            for key in HISTORY_KEYS:
+                recorded[key].append(float((logs or {})[key]))
+            io.write_json(backup_dir / BACKUP_HISTORY, recorded)
+
+        # history first: a kill between the two writes leaves one epoch too many in it, never too few
+        all_callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=record))
+        all_callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False))
     if early_stopping_patience > 0:
         all_callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -89,8 +114,37 @@ def train(
     fit = model.fit(
         train_ds, validation_data=val_ds, epochs=epochs, shuffle=False, callbacks=all_callbacks, verbose=verbose
     )
-    history = {key: [float(v) for v in fit.history[key]] for key in HISTORY_KEYS}
+    history = {key: done[key] + [float(v) for v in fit.history.get(key, [])] for key in HISTORY_KEYS}
     return model, history
+
+
+def _resume_history(backup_dir: Path, epochs: int) -> dict[str, list[float]]:
+    """The history of the epochs a backup in ``backup_dir`` holds (empty lists without a usable backup).
+
+    A backup without a matching history (a kill mid-write) is discarded and training starts over.
+    """
+    empty: dict[str, list[float]] = {key: [] for key in HISTORY_KEYS}
+    if not backup_dir.is_dir():
+        return empty
+    try:
+        epoch = int(json.loads((backup_dir / "training_metadata.json").read_text())["epoch"])
+        saved = json.loads((backup_dir / BACKUP_HISTORY).read_text())
+        history = {key: [float(v) for v in saved[key][:epoch]] for key in HISTORY_KEYS}
+    except (OSError, ValueError, KeyError, TypeError):
+        epoch, history = -1, empty
+    if epoch < 0 or any(len(v) != epoch for v in history.values()) or epoch > epochs:
+        log.warning("Discarding an unusable training backup in %s; training from the start", backup_dir)
+        shutil.rmtree(backup_dir, ignore_errors=True)
+        return empty
+    log.info("Resuming from backup in %s (%d of %d epochs done)", backup_dir, epoch, epochs)
+    return history
+
+
+def backup_dir_for(root: Path, params: dict[str, Any], inputs: dict[str, str]) -> Path:
+    """Where train_cnn keeps its resumable state: ``<root>/.dvc/tmp/train_cnn-backup/<key>``, outside
+    every DVC output, keyed by the sha256 of the stage's params and input hashes (a change starts over)."""
+    blob = json.dumps({"params": params, "inputs": sorted(inputs.values())}, sort_keys=True)
+    return root / ".dvc" / "tmp" / f"{STAGE}-backup" / hashlib.sha256(blob.encode()).hexdigest()
 
 
 def best_epoch(history: dict[str, list[float]], early_stopping_patience: int) -> int:
@@ -172,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
             ctx.tracker.log_metrics({k: logs[k] for k in HISTORY_KEYS if k in logs}, step=epoch + 1)
 
         tracker_cb = keras.callbacks.LambdaCallback(on_epoch_end=log_epoch)
+        backup = backup_dir_for(tracking.repo_root(), ctx.params.flat(), inputs)
         start = time.perf_counter()
         model, history = train(
             x_train,
@@ -181,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=p.base.seed,
             callbacks=[tracker_cb],
             verbose=1 if sys.stdout.isatty() else 2,
+            backup_dir=backup,
             **hparams,
         )
         wall_time = time.perf_counter() - start
@@ -218,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         ctx.tracker.log_artifact(args.model)
         ctx.tracker.log_artifact(args.card)
         ctx.tracker.log_artifact(args.history)
+        shutil.rmtree(backup, ignore_errors=True)  # outputs written: nothing left to resume
 
     runtime.run_stage(STAGE, STAGE, body, uses_tensorflow=True)
 
