@@ -188,34 +188,6 @@ def load_predictor(path: Path, card: dict[str, Any], stage: str) -> Callable[[np
     raise UserError(f"{path}: its card names format {card['format']!r}, expected keras or skops")
 
 
-def log_on_training_runs(results: dict[str, dict[str, Any]], model_cards: dict[str, dict[str, Any]]) -> None:
-    """Add each model's test metrics to its training run (id from its card), so MLflow's compare view lines up.
-
-    A training run missing from this tracking store (model trained elsewhere, database replaced) gets a
-    warning: the metrics are in the evaluate run and in the metrics file either way.
-    """
-    import time
-
-    from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    now = int(time.time() * 1000)
-    for name, metrics in results.items():
-        run_id = model_cards[name]["mlflow_run_id"]
-        batch = [Metric(key, metrics[key], now, 0) for key in METRIC_NAMES if key in metrics]
-        try:
-            client.log_batch(run_id, metrics=batch)
-        except MlflowException as exc:
-            log.warning(
-                "%s: cannot add the test metrics to its training run %s (%s); they are in this run only",
-                name,
-                run_id,
-                exc.message.splitlines()[0],
-            )
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--test", type=Path, required=True, help="prepared test.npz")
@@ -284,7 +256,11 @@ def main(argv: list[str] | None = None) -> None:
             ctx.tracker.log_artifact(path)
         for path in plots:
             ctx.tracker.log_artifact(path, artifact_path="plots")
-        log_on_training_runs(results, model_cards)
+        # Test metrics on each model's training run too, so MLflow's compare view lines the models up
+        for name, metrics in results.items():
+            ctx.tracker.log_metrics_to_run(
+                model_cards[name]["mlflow_run_id"], {k: metrics[k] for k in METRIC_NAMES if k in metrics}
+            )
 
     runtime.run_stage(STAGE, STAGE, body, uses_tensorflow=True)
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -112,6 +113,23 @@ class StageTracker:
         import mlflow
 
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_metrics_to_run(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        """Add ``metrics`` to another run of the store (a model's training run); warn if it is not there."""
+        from mlflow.entities import Metric
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        now = int(time.time() * 1000)
+        try:
+            MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        except MlflowException as exc:
+            log.warning(
+                "cannot add metrics to run %s (%s); they are in run %s only",
+                run_id,
+                exc.message.splitlines()[0],
+                self.run_id,
+            )
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         import mlflow
