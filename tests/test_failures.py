@@ -24,7 +24,7 @@ from stages.lib import io
 from stages.lib.tracking import redact_uri
 from tests.conftest import set_params
 from tests.mnist_fixture import make_mnist
-from tests.test_pipeline import _env, copy_repo, run, tiny_profile
+from tests.test_pipeline import _env, run, tiny_repo
 
 CNN_OUTS = ("models/cnn.keras", "models/cnn.json", "plots/train_cnn/history.csv")
 
@@ -88,11 +88,7 @@ def test_redact_uri(uri: str, shown: str) -> None:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny-profile copy of the repository, committed, with fetch..train_cnn already reproduced."""
-    root = copy_repo(tmp_path_factory.mktemp("failures") / "repo")
-    tiny_profile(root)
-    run(root, "git", "init", "-q", "-b", "main")
-    run(root, "git", "add", "-A")
-    run(root, "git", "commit", "-q", "-m", "tiny profile")
+    root = tiny_repo(tmp_path_factory.mktemp("failures") / "repo")
     run(root, "dvc", "repro", "train_cnn")
     return root
 

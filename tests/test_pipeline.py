@@ -93,13 +93,19 @@ def tiny_profile(root: Path) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+def tiny_repo(dest: Path) -> Path:
+    """A committed git repository at ``dest``: the repository's code with the tiny profile."""
+    root = copy_repo(dest)
     tiny_profile(root)
     run(root, "git", "init", "-q", "-b", "main")
     run(root, "git", "add", "-A")
     run(root, "git", "commit", "-q", "-m", "tiny profile")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tiny_repo(tmp_path_factory.mktemp("pipeline") / "repo")
     run(root, "dvc", "repro")
     return root
 
