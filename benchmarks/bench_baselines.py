@@ -29,7 +29,6 @@ if str(ROOT) not in sys.path:
 from stages.lib import baselines, io, preprocess  # noqa: E402
 
 PREPARED = ROOT / "data" / "prepared"
-SPEC = {"x": ((None, 28, 28), "uint8"), "y": ((None,), "uint8")}
 ALPHA_LASSO, ALPHA_RIDGE = 0.001, 1.0
 say = functools.partial(print, flush=True)  # each line as soon as it is known: the plain fit takes minutes
 
@@ -37,9 +36,9 @@ say = functools.partial(print, flush=True)  # each line as soon as it is known: 
 def load_data() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], str]:
     """Train and test (images, labels) and a description of where they came from."""
     if (PREPARED / "train.npz").is_file() and (PREPARED / "test.npz").is_file():
-        train = io.load_arrays(PREPARED / "train.npz", SPEC, stage="prepare")
-        test = io.load_arrays(PREPARED / "test.npz", SPEC, stage="prepare")
-        return (train["x"], train["y"]), (test["x"], test["y"]), "data/prepared/{train,test}.npz"
+        train = io.load_split(PREPARED / "train.npz", stage="prepare")
+        test = io.load_split(PREPARED / "test.npz", stage="prepare")
+        return train, test, "data/prepared/{train,test}.npz"
     from tests.mnist_fixture import make_mnist
 
     d = make_mnist(n_train=20000, n_test=2000)

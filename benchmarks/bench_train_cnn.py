@@ -38,7 +38,6 @@ if str(ROOT) not in sys.path:
 from stages.lib import io  # noqa: E402
 
 PREPARED = ROOT / "data" / "prepared"
-SPEC = {"x": ((None, 28, 28), "uint8"), "y": ((None,), "uint8")}
 SEED, EPOCHS, BATCH = 42, 5, 64
 BF16 = "mixed_bfloat16"
 
@@ -67,8 +66,7 @@ def _split(name: str) -> tuple[np.ndarray, np.ndarray]:
     path = PREPARED / f"{name}.npz"
     if not path.is_file():
         raise SystemExit(f"{path} not found: run `dvc repro prepare` first")
-    arrays = io.load_arrays(path, SPEC, stage="prepare")
-    return arrays["x"], arrays["y"]
+    return io.load_split(path, stage="prepare")
 
 
 def _augmented(x: np.ndarray, y: np.ndarray, copies: int) -> tuple[np.ndarray, np.ndarray]:

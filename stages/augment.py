@@ -22,13 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from stages.lib import io, runtime
-from stages.lib.errors import UserError
 
 log = logging.getLogger(__name__)
 
 STAGE = "augment"
 SIZE = 28
-TRAIN_SPEC = {"x": ((None, SIZE, SIZE), "uint8"), "y": ((None,), "uint8")}
 PREVIEW_ROWS = 8  # originals shown in the preview
 PREVIEW_COPIES = 5  # augmented copies shown beside each
 
@@ -207,11 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     def body(ctx: runtime.StageContext) -> None:
         p = ctx.params
         a = p.augment
-        train = io.load_arrays(args.train, TRAIN_SPEC, stage="prepare")
+        x, y = io.load_split(args.train, stage="prepare")
         ctx.tracker.log_input(args.train, context="train")
-        x, y = train["x"], train["y"]
-        if len(y) == 0:
-            raise UserError(f"{args.train}: holds no images. Re-create it with `dvc repro --force prepare`.")
         copies = a.copies
         # Read every declared key up front, pass-through included: they are all inputs of this stage
         settings = {

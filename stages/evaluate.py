@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
-TEST_SPEC = {"x": ((None, 28, 28), "uint8"), "y": ((None,), "uint8")}
 METRIC_NAMES = ("test_accuracy", "test_macro_f1", "test_log_loss")  # the same names for every model
 CNN = "cnn"
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -211,9 +210,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, card in model_cards.items():
             if card["input"] not in PREPROCESS:
                 raise UserError(f"{name}: its card names input {card['input']!r}, expected one of image, flat")
-        test = io.load_arrays(args.test, TEST_SPEC, stage="prepare")
+        x_test, y_test = io.load_split(args.test, stage="prepare")
+        y_test = y_test.astype(np.int64)
         ctx.tracker.log_input(args.test, context="test")
-        x_test, y_test = test["x"], test["y"].astype(np.int64)
 
         results: dict[str, dict[str, Any]] = {}
         predictions: dict[str, np.ndarray] = {}

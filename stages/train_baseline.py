@@ -23,7 +23,6 @@ from stages.lib import baselines, cards, io, preprocess, runtime
 log = logging.getLogger(__name__)
 
 STAGE = "train_baseline"
-SPLIT_SPEC = {"x": ((None, 28, 28), "uint8"), "y": ((None,), "uint8")}
 
 
 def hyperparams(name: str, section: Any) -> dict[str, Any]:
@@ -68,14 +67,14 @@ def main(argv: list[str] | None = None) -> None:
 
     def body(ctx: runtime.StageContext) -> None:
         hyper = hyperparams(args.name, getattr(ctx.params.baselines, args.name))
-        train_npz = io.load_arrays(args.train, SPLIT_SPEC, stage="prepare")
-        val_npz = io.load_arrays(args.val, SPLIT_SPEC, stage="prepare")
+        train_split = io.load_split(args.train, stage="prepare")
+        val_split = io.load_split(args.val, stage="prepare")
         inputs = {
             str(args.train): ctx.tracker.log_input(args.train, context="train"),
             str(args.val): ctx.tracker.log_input(args.val, context="validation"),
         }
-        log.info("Fitting %s %s on %d images", args.name, hyper, len(train_npz["y"]))
-        model, metrics, fit_s = train(args.name, hyper, (train_npz["x"], train_npz["y"]), (val_npz["x"], val_npz["y"]))
+        log.info("Fitting %s %s on %d images", args.name, hyper, len(train_split[1]))
+        model, metrics, fit_s = train(args.name, hyper, train_split, val_split)
         log.info(
             "%s: fit in %.2f s, validation accuracy %.4f, macro F1 %.4f",
             args.name,

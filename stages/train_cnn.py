@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.lib import cards, io, models, runtime, tracking
-from stages.lib.errors import UserError
-from stages.lib.preprocess import NUM_CLASSES, one_hot, to_model_input
+from stages.lib.preprocess import one_hot, to_model_input
 
 if TYPE_CHECKING:
     import keras
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGE = "train_cnn"
-SPEC = {"x": ((None, 28, 28), "uint8"), "y": ((None,), "uint8")}
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 BACKUP_HISTORY = "history.json"  # beside BackupAndRestore's files: the history of the epochs it holds
 
@@ -163,18 +161,6 @@ def history_csv(history: dict[str, list[float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _load(path: Path, stage: str) -> tuple[np.ndarray, np.ndarray]:
-    arrays = io.load_arrays(path, SPEC, stage=stage)
-    x, y = arrays["x"], arrays["y"]
-    if len(y) == 0:
-        raise UserError(f"{path}: holds no images. Re-create it with `dvc repro --force {stage}`.")
-    if int(y.max()) >= NUM_CLASSES:
-        raise UserError(
-            f"{path}: label {int(y.max())} is not a digit 0-9. Re-create it with `dvc repro --force {stage}`."
-        )
-    return x, y
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=Path, required=True, help="training split (train.npz written by augment)")
@@ -191,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
 
         p = ctx.params
         cfg = p.train_cnn
-        x_train, y_train = _load(args.train, stage="augment")
-        x_val, y_val = _load(args.val, stage="prepare")
+        x_train, y_train = io.load_split(args.train, stage="augment")
+        x_val, y_val = io.load_split(args.val, stage="prepare")
         inputs = {
             str(args.train): ctx.tracker.log_input(args.train, context="train"),
             str(args.val): ctx.tracker.log_input(args.val, context="validation"),

@@ -7,7 +7,6 @@ metrics, the DVC hashes (md5) of its input data, its MLflow run id and its train
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,11 +19,7 @@ REQUIRED = ("name", "file", "sha256", "format", "input", "params", "device", "me
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return io.file_digest(path, "sha256")
 
 
 def write_card(

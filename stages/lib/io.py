@@ -110,13 +110,33 @@ def load_arrays(
     return arrays
 
 
-def file_md5(path: str | os.PathLike[str]) -> str:
-    """MD5 of a file's bytes: the hash DVC records for it in dvc.lock."""
-    digest = hashlib.md5(usedforsecurity=False)
+SPLIT_SPEC = {"x": ((None, 28, 28), "uint8"), "y": ((None,), "uint8")}
+
+
+def load_split(path: str | os.PathLike[str], stage: str) -> tuple[np.ndarray, np.ndarray]:
+    """Load a split file (``x`` uint8 n×28×28, ``y`` uint8 digits) written by ``stage``; refuse an empty one."""
+    arrays = load_arrays(path, SPLIT_SPEC, stage=stage)
+    x, y = arrays["x"], arrays["y"]
+    fix = f"Re-create it with `dvc repro --force {stage}`."
+    if len(y) == 0:
+        raise UserError(f"{path}: holds no images. {fix}")
+    if int(y.max()) > 9:
+        raise UserError(f"{path}: label {int(y.max())} is not a digit 0-9. {fix}")
+    return x, y
+
+
+def file_digest(path: str | os.PathLike[str], algorithm: str) -> str:
+    """Hex digest of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_md5(path: str | os.PathLike[str]) -> str:
+    """MD5 of a file's bytes: the hash DVC records for it in dvc.lock."""
+    return file_digest(path, "md5")
 
 
 def png_bytes(fig: object) -> bytes:
