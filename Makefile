@@ -22,6 +22,7 @@ repro: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/actionlint .github/workflows/*.yml
 
 test: lint
 	$(BIN)/pytest
