@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands (stages/run) and tests find the project's interpreter first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test lint bench server clean
+.PHONY: setup repro retrain test lint bench server clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 repro: setup
 	$(BIN)/dvc repro
+
+# dvc repro only if params, code or data changed since dvc.lock; summary of the promotion decision (README)
+retrain: setup
+	$(BIN)/python -m stages.retrain
 
 lint: setup
 	$(BIN)/ruff check .
