@@ -196,6 +196,11 @@ def main(argv: list[str] | None = None) -> None:
             "batch_size": cfg.batch_size,
             "epochs": cfg.epochs,
             "early_stopping_patience": cfg.early_stopping_patience,
+            "convs_per_block": cfg.convs_per_block,
+            "batch_norm": cfg.batch_norm,
+            "lr_decay": cfg.lr_decay,
+            # the schedule's unit: one epoch of training steps (the last batch may be short)
+            "steps_per_epoch": (len(y_train) + cfg.batch_size - 1) // cfg.batch_size,
         }
         log.info(
             "Training on %d images, validating on %d (%d epochs, batch %d, %s)",

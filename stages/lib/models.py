@@ -28,16 +28,19 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 OPTIMIZERS = ("adam", "sgd")
 
 
-def feature_map_sizes(filters: Sequence[int], kernel_size: int, image_size: int = IMAGE_SHAPE[0]) -> list[int]:
-    """Side length of the feature maps after each conv layer (and its pooling), for a square image.
+def feature_map_sizes(
+    filters: Sequence[int], kernel_size: int, image_size: int = IMAGE_SHAPE[0], convs_per_block: int = 1
+) -> list[int]:
+    """Side length of the feature maps after each conv block (and its pooling), for a square image.
 
-    Convolutions are unpadded (side - kernel_size + 1); 2×2 max-pooling with stride 2 follows every conv
-    layer but the last (side // 2). Raises :class:`UserError` when the stack shrinks the image below 1 pixel.
+    A block is ``convs_per_block`` unpadded convolutions (each: side - kernel_size + 1); 2×2 max-pooling
+    with stride 2 follows every block but the last (side // 2). Raises :class:`UserError` when the stack
+    shrinks the image below 1 pixel.
     """
     sizes = []
     side = image_size
     for i in range(len(filters)):
-        side -= kernel_size - 1
+        side -= convs_per_block * (kernel_size - 1)
         if side >= 1 and i < len(filters) - 1:
             side //= 2
         if side < 1:
@@ -45,6 +48,7 @@ def feature_map_sizes(filters: Sequence[int], kernel_size: int, image_size: int 
                 f"train_cnn.filters = {list(filters)} with train_cnn.kernel_size = {kernel_size}: conv layer {i + 1} "
                 f"(with the 2×2 pooling that follows all but the last) shrinks the {image_size}×{image_size} image "
                 "below 1 pixel; use a smaller kernel_size or fewer entries in filters"
+                + (f" or convs_per_block (now {convs_per_block})" if convs_per_block > 1 else "")
             )
         sizes.append(side)
     return sizes
@@ -60,6 +64,10 @@ def build_cnn(
     learning_rate: float = 1e-3,
     precision: str = "float32",
     steps_per_execution: int = 1,
+    convs_per_block: int = 1,
+    batch_norm: bool = False,
+    lr_decay: float = 1.0,
+    steps_per_epoch: int | None = None,
 ) -> keras.Model:
     """Build and compile the CNN (input float32 ``(n, 28, 28, 1)`` in [0, 1], output softmax ``(n, 10)``).
 
@@ -69,18 +77,27 @@ def build_cnn(
     ``learning_rate``; loss categorical cross-entropy (one-hot targets), metric accuracy.
     ``precision`` ``mixed_bfloat16`` computes in bfloat16 with float32 weights; the output layer stays
     float32 so the softmax and the loss are exact. ``steps_per_execution`` training steps run per
-    TensorFlow call. Raises :class:`UserError` (naming the train_cnn key) for a configuration that cannot work.
+    TensorFlow call. ``convs_per_block`` convolutions make each block (one per ``filters`` entry);
+    ``batch_norm`` adds BatchNormalization after every conv and after the hidden Dense layer.
+    ``lr_decay`` < 1 multiplies the learning rate by that factor after every epoch of ``steps_per_epoch``
+    training steps (staircase exponential decay). The defaults (1, False, 1.0) build exactly the model
+    without these options. Raises :class:`UserError` (naming the train_cnn key) for a configuration
+    that cannot work.
     """
     import keras
     from keras import layers
 
-    feature_map_sizes(filters, kernel_size)
+    feature_map_sizes(filters, kernel_size, convs_per_block=convs_per_block)
     if precision not in PRECISIONS:
         raise UserError(f"train_cnn.precision = {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if optimizer not in OPTIMIZERS:
         raise UserError(f"train_cnn.optimizer = {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"train_cnn.dropout = {dropout!r}: expected a fraction in [0, 1)")
+    if not 0.0 < lr_decay <= 1.0:
+        raise UserError(f"train_cnn.lr_decay = {lr_decay!r}: expected a factor in (0, 1]")
+    if lr_decay < 1.0 and not steps_per_epoch:
+        raise UserError("train_cnn.lr_decay < 1 needs the number of training steps per epoch (steps_per_epoch)")
 
     # The policy is set per layer, not globally, so building one model never changes the next one. It is
     # passed by name: a shared policy object would be saved with its memory address, changing the file bytes.
@@ -89,12 +106,15 @@ def build_cnn(
     def regularizer() -> keras.regularizers.Regularizer | None:  # one per layer, for the same reason
         return keras.regularizers.L2(l2) if l2 > 0 else None
 
-    # Feature extractor: conv blocks, max-pooling after all but the last
+    # Feature extractor: conv blocks (optionally batch-normalised), max-pooling after all but the last
     stack: list[keras.layers.Layer] = [keras.Input(shape=INPUT_SHAPE)]
     for i, n_filters in enumerate(filters):
-        stack.append(
-            layers.Conv2D(n_filters, kernel_size, activation="relu", kernel_regularizer=regularizer(), dtype=policy)
-        )
+        for _ in range(convs_per_block):
+            stack.append(
+                layers.Conv2D(n_filters, kernel_size, activation="relu", kernel_regularizer=regularizer(), dtype=policy)
+            )
+            if batch_norm:
+                stack.append(layers.BatchNormalization(dtype=policy))
         if i < len(filters) - 1:
             stack.append(layers.MaxPooling2D(pool_size=2, dtype=policy))
 
@@ -102,18 +122,18 @@ def build_cnn(
     stack.append(layers.Flatten(dtype=policy))
     if dropout > 0:
         stack.append(layers.Dropout(dropout, dtype=policy))
-    stack += [
-        layers.Dense(dense_units, activation="relu", kernel_regularizer=regularizer(), dtype=policy),
-        layers.Dense(NUM_CLASSES, activation="softmax", kernel_regularizer=regularizer(), dtype="float32"),
-    ]
+    stack.append(layers.Dense(dense_units, activation="relu", kernel_regularizer=regularizer(), dtype=policy))
+    if batch_norm:
+        stack.append(layers.BatchNormalization(dtype=policy))
+    stack.append(layers.Dense(NUM_CLASSES, activation="softmax", kernel_regularizer=regularizer(), dtype="float32"))
     model = keras.Sequential(stack, name="mnist_cnn")
 
-    # Adam or plain SGD on categorical cross-entropy; XLA stays off (slower for this model on CPU)
-    opt = (
-        keras.optimizers.Adam(learning_rate=learning_rate)
-        if optimizer == "adam"
-        else keras.optimizers.SGD(learning_rate=learning_rate)
-    )
+    # Adam or plain SGD on categorical cross-entropy, the rate optionally decaying once per epoch;
+    # XLA stays off (slower for this model on CPU)
+    rate: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
+    if lr_decay < 1.0:
+        rate = keras.optimizers.schedules.ExponentialDecay(learning_rate, steps_per_epoch, lr_decay, staircase=True)
+    opt = keras.optimizers.Adam(learning_rate=rate) if optimizer == "adam" else keras.optimizers.SGD(learning_rate=rate)
     model.compile(
         optimizer=opt,
         loss="categorical_crossentropy",
