@@ -27,12 +27,45 @@ from stages.lib.preprocess import one_hot, to_model_input
 
 if TYPE_CHECKING:
     import keras
+    import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
 STAGE = "train_cnn"
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 BACKUP_HISTORY = "history.json"  # beside BackupAndRestore's files: the history of the epochs it holds
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which training epoch ``epoch`` (from 0) visits ``n`` examples: a permutation that depends
+    on ``seed`` and ``epoch`` only, so an epoch run after a resume is the epoch of an uninterrupted run."""
+    return np.random.default_rng([seed, epoch, 0]).permutation(n)
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """Seed of random stream ``stream`` (one per dropout layer) in epoch ``epoch``, from ``seed`` and both only."""
+    # below 2**31 - 1: Keras reduces seeds modulo that for TensorFlow's stateless random ops
+    return int(np.random.default_rng([seed, epoch, 1 + stream]).integers(2**31 - 1))
+
+
+def batches(x: np.ndarray, y: np.ndarray, batch_size: int, order: tf.Variable | None = None) -> tf.data.Dataset:
+    """``(to_model_input(x[i]), one_hot(y[i]))`` in batches of ``batch_size``, ``i`` running over ``order``
+    (a variable holding a permutation of ``range(len(y))``, read as each batch is made) or ``range(len(y))``.
+
+    The images stay uint8: TensorFlow holds one copy of ``x``, and each batch is gathered and converted
+    to float32 when the pipeline makes it, a few batches ahead of training.
+    """
+    import tensorflow as tf
+
+    with tf.device("/CPU:0"):  # tf.data runs on the host
+        images, labels = tf.constant(x), tf.constant(one_hot(y))
+
+    def make(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        if order is not None:
+            index = tf.gather(order, index)
+        return to_model_input(tf.gather(images, index)), tf.gather(labels, index)
+
+    return tf.data.Dataset.range(len(y)).batch(batch_size).map(make).prefetch(tf.data.AUTOTUNE)
 
 
 def train(
@@ -53,21 +86,22 @@ def train(
     """Build the CNN (:func:`stages.lib.models.build_cnn`) and fit it; return the model and its history.
 
     Inputs are uint8 images ``(n, 28, 28)`` and integer labels ``(n,)``; validation runs on ``x_val``,
-    ``y_val`` after every epoch. Training is seeded with ``seed`` (weights, dropout, shuffling) and uses
-    deterministic ops, so equal inputs give equal weights on the same machine. With
-    ``early_stopping_patience`` > 0, training stops after that many epochs without a lower validation
-    loss and the weights of the best epoch are restored. ``callbacks`` are added to Keras' (e.g. a
-    tracker); ``verbose`` is Keras' (1 progress bar, 2 one line per epoch, 0 silent). ``model_kwargs``
-    go to ``build_cnn`` (filters, kernel_size, dense_units, dropout, l2, optimizer, learning_rate,
-    precision, steps_per_execution). The history maps ``loss``, ``accuracy``, ``val_loss``,
-    ``val_accuracy`` to one float per epoch run.
+    ``y_val`` after every epoch. Training is seeded with ``seed`` and uses deterministic ops, so equal
+    inputs give equal weights on the same machine: the weights start from ``seed``, and epoch ``e`` visits
+    the examples in the order :func:`epoch_order` ``(n, seed, e)`` and draws its dropout masks from
+    :func:`epoch_seed` ``(seed, e, ·)``, both set when the epoch starts. With ``early_stopping_patience``
+    > 0, training stops after that many epochs without a lower validation loss and the weights of the
+    best epoch are restored. ``callbacks`` are added to Keras' (e.g. a tracker); ``verbose`` is Keras'
+    (1 progress bar, 2 one line per epoch, 0 silent). ``model_kwargs`` go to ``build_cnn`` (filters,
+    kernel_size, dense_units, dropout, l2, optimizer, learning_rate, precision, steps_per_execution, ...).
+    The history maps ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy`` to one float per epoch run.
 
     With ``backup_dir``, the weights, optimizer state, epoch and history are saved there after every
-    epoch (Keras ``BackupAndRestore``), and a backup found there at the start is resumed from. A resumed
-    run is close to, not bit-identical with, an uninterrupted one: the dataset's seeded reshuffle
-    sequence restarts with the new process, so the epochs after the resume see the examples in another
-    order. Early stopping's counters are not part of the backup either: they restart on resume. The
-    caller removes the directory once the outputs are written.
+    epoch (Keras ``BackupAndRestore``), and a backup found there at the start is resumed from. As the
+    order and dropout seeds of each epoch depend only on the seed and the epoch, a run resumed from its
+    last finished epoch ends with the weights of an uninterrupted run (bit-identical on the CPU). Early
+    stopping's counters are not part of the backup: they restart on resume. The caller removes the
+    directory once the outputs are written.
     """
     import keras
     import tensorflow as tf
@@ -75,20 +109,21 @@ def train(
     runtime.seed_everything(seed, tensorflow=True)
     model = models.build_cnn(**model_kwargs)
 
-    # Keep the data resident in TensorFlow; reshuffle it every epoch (seeded), prefetch the next batches
-    train_ds = (
-        tf.data.Dataset.from_tensor_slices((to_model_input(x_train), one_hot(y_train)))
-        .shuffle(len(y_train), seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    val_ds = (
-        tf.data.Dataset.from_tensor_slices((to_model_input(x_val), one_hot(y_val)))
-        .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    # Every epoch starts by setting its example order and its dropout seeds (pure functions of seed and
+    # epoch); the data pipeline reads the order as it makes each batch
+    with tf.device("/CPU:0"):
+        order = tf.Variable(np.arange(len(y_train), dtype=np.int64), trainable=False)
+    seed_states = [v for v in model.variables if v.name == "seed_generator_state"]
 
-    all_callbacks = list(callbacks)
+    def start_epoch(epoch: int, logs: dict[str, float] | None) -> None:
+        order.assign(epoch_order(len(y_train), seed, epoch))
+        for stream, state in enumerate(seed_states):
+            state.assign(np.array([epoch_seed(seed, epoch, stream), 0], dtype=np.int64))
+
+    train_ds = batches(x_train, y_train, batch_size, order)
+    val_ds = batches(x_val, y_val, batch_size)
+
+    all_callbacks = [keras.callbacks.LambdaCallback(on_epoch_begin=start_epoch), *callbacks]
     done: dict[str, list[float]] = {key: [] for key in HISTORY_KEYS}
     if backup_dir is not None:
         done = _resume_history(backup_dir, epochs)
@@ -108,7 +143,7 @@ def train(
                 monitor="val_loss", patience=early_stopping_patience, restore_best_weights=True
             )
         )
-    # shuffle=False: the dataset already reshuffles itself every epoch
+    # shuffle=False: the dataset already visits each epoch in its own order
     fit = model.fit(
         train_ds, validation_data=val_ds, epochs=epochs, shuffle=False, callbacks=all_callbacks, verbose=verbose
     )

@@ -60,6 +60,50 @@ def test_train_is_deterministic_for_a_seed(data: dict[str, np.ndarray]) -> None:
     assert not np.array_equal(first.get_weights()[0], other.get_weights()[0])
 
 
+def test_pipeline_converts_each_batch_exactly_like_to_model_input() -> None:
+    import tensorflow as tf
+
+    # Every uint8 value: the tensor path of to_model_input (training) equals its NumPy path (evaluation)
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    assert np.array_equal(to_model_input(tf.constant(pixels)).numpy(), to_model_input(pixels))
+
+    # The training batches are to_model_input/one_hot of the examples in the epoch's order, bit for bit
+    tiny = make_mnist(n_train=70, n_test=0, seed=4)
+    x, y = tiny["x_train"], tiny["y_train"]
+    order = tf.Variable(train_cnn.epoch_order(len(y), seed=3, epoch=1))
+    got = list(train_cnn.batches(x, y, batch_size=32, order=order).as_numpy_iterator())
+    assert [len(labels) for _, labels in got] == [32, 32, 6]
+    index = train_cnn.epoch_order(len(y), seed=3, epoch=1)
+    images, labels = np.concatenate([b[0] for b in got]), np.concatenate([b[1] for b in got])
+    assert images.dtype == np.float32 and np.array_equal(images, to_model_input(x[index]))
+    assert np.array_equal(labels, one_hot(y[index]))
+    in_order = np.concatenate([b[0] for b in train_cnn.batches(x, y, batch_size=32).as_numpy_iterator()])
+    assert np.array_equal(in_order, to_model_input(x))
+
+
+def test_epoch_order_and_seeds_depend_on_seed_and_epoch_only() -> None:
+    first = train_cnn.epoch_order(1000, seed=7, epoch=2)
+    assert sorted(first) == list(range(1000))
+    assert np.array_equal(first, train_cnn.epoch_order(1000, seed=7, epoch=2))
+    assert not np.array_equal(first, train_cnn.epoch_order(1000, seed=7, epoch=3))
+    assert not np.array_equal(first, train_cnn.epoch_order(1000, seed=8, epoch=2))
+    seeds = {train_cnn.epoch_seed(7, epoch, stream) for epoch in range(3) for stream in range(2)}
+    assert len(seeds) == 6 and train_cnn.epoch_seed(7, 1, 0) == train_cnn.epoch_seed(7, 1, 0)
+    assert all(0 <= s < 2**31 - 1 for s in seeds)
+
+
+def test_resumed_training_equals_uninterrupted_training(data: dict[str, np.ndarray], tmp_path: Path) -> None:
+    # Dropout and bfloat16 on: every epoch's order and dropout masks must not depend on the epochs before
+    kwargs = {"dropout": 0.3, "precision": "mixed_bfloat16", "steps_per_execution": 5, "learning_rate": 3e-3}
+    straight, h_straight = _fit(data, epochs=4, **kwargs)
+    backup = tmp_path / "backup"
+    _fit(data, epochs=2, backup_dir=backup, **kwargs)  # stops after 2 of the epochs, leaving its backup
+    resumed, h_resumed = _fit(data, epochs=4, backup_dir=backup, **kwargs)
+    assert h_resumed == h_straight
+    for a, b in zip(straight.get_weights(), resumed.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+
+
 def test_early_stopping_stops_and_keeps_the_best_epoch(data: dict[str, np.ndarray]) -> None:
     # Validation labels are all wrong, so validation loss rises as the model learns the training data
     wrong = (data["y_test"] + 1) % 10
