@@ -120,9 +120,13 @@ def main(n: int = 20000, repeats: int = 3) -> dict[str, float]:
     return rates
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20000, help="images to augment (default 20000)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method (default 3)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     main(args.n, args.repeats)
+
+
+if __name__ == "__main__":
+    cli()
