@@ -17,8 +17,10 @@ run at the repository root, by hand or by the scheduled workflow ``.github/workf
    run (no model and no test data changed), there is no new decision.
 3. It writes a Markdown summary (``--summary``, default ``$RETRAIN_SUMMARY`` or ``retrain-summary.md``):
    the decision with both test accuracies and the reason, then ``dvc metrics diff --md`` and
-   ``dvc params diff --md`` against the git commit the champion was trained at (the champion the new model
-   was compared with; HEAD when there is none, or when that commit is not in this clone's history).
+   ``dvc params diff --md`` against the commit holding the results of the champion the new model was
+   compared with: the first commit that changed dvc.lock after the commit the champion was trained at (its
+   git commit in the registry), else that commit itself; HEAD when there was no champion, or when that
+   commit is not in this clone's history.
    It prints the decision and the summary's path.
 
 Under GitHub Actions (``GITHUB_OUTPUT`` set) it also sets the step outputs ``decision`` (``skipped``,
@@ -288,8 +290,18 @@ def champion_commit(root: Path, model: str, version: str | None) -> str | None:
     return commit.removesuffix("-dirty")
 
 
+def _short(root: Path, rev: str) -> str:
+    result = _run(root, "git", "rev-parse", "--short=12", rev)
+    return result.stdout.strip() if result.returncode == 0 else rev
+
+
 def choose_baseline(root: Path, decision: Mapping[str, Any] | None, model: str) -> Baseline:
-    """The champion's commit when it is in this clone's history, else HEAD (see the module docstring)."""
+    """The commit that holds the results of the champion the new model was compared with.
+
+    Training at commit C (often with uncommitted changes) writes a dvc.lock and metrics that a later commit
+    records: the first commit after C on the way to HEAD that changed dvc.lock (the retrain pull request,
+    for one). Without such a commit, C itself; HEAD when there is no champion or C is not in this clone.
+    """
     if decision is not None and decision["champion_version"] is None:
         return Baseline("HEAD", "there was no champion before this run")
     version = None if decision is None else str(decision["champion_version"])
@@ -298,7 +310,16 @@ def choose_baseline(root: Path, decision: Mapping[str, Any] | None, model: str) 
         return Baseline("HEAD", f"the registry names no commit for the {model} champion")
     if not _has_commit(root, commit):
         return Baseline("HEAD", f"the champion's commit {commit} is not in this clone's history")
-    return Baseline(commit, f"the commit the {model} champion was trained at")
+    later = _run(root, "git", "log", "--reverse", "--ancestry-path", "--format=%H", f"{commit}..HEAD", "--", LOCK_FILE)
+    recorded = later.stdout.split() if later.returncode == 0 else []
+    trained_at = _short(root, commit)
+    if recorded:
+        return Baseline(
+            _short(root, recorded[0]),
+            f"the first commit of {LOCK_FILE} after {trained_at}, where the {model} champion was trained: "
+            "it holds the champion's results",
+        )
+    return Baseline(trained_at, f"the commit the {model} champion was trained at; no later commit changed {LOCK_FILE}")
 
 
 def dvc_diff(root: Path, kind: str, rev: str) -> str:
