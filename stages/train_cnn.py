@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.lib import cards, io, models, runtime, tracking
+from stages.lib.errors import UserError
 from stages.lib.preprocess import one_hot, to_model_input
 
 if TYPE_CHECKING:
@@ -34,6 +35,42 @@ log = logging.getLogger(__name__)
 STAGE = "train_cnn"
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 BACKUP_HISTORY = "history.json"  # beside BackupAndRestore's files: the history of the epochs it holds
+
+
+STRATEGIES = ("auto", "single", "mirrored")
+
+
+def resolve_strategy(requested: str, n_gpus: int) -> str:
+    """What ``train_cnn.strategy`` = ``requested`` means with ``n_gpus`` visible GPUs: ``auto`` is ``mirrored``
+    with more than one GPU, else ``single``; ``single`` and ``mirrored`` mean themselves."""
+    if requested not in STRATEGIES:
+        raise UserError(f"train_cnn.strategy = {requested!r}: expected one of {', '.join(STRATEGIES)}")
+    if requested == "auto":
+        return "mirrored" if n_gpus > 1 else "single"
+    return requested
+
+
+def distribution_strategy(requested: str) -> tf.distribute.Strategy:
+    """The ``tf.distribute`` strategy for ``train_cnn.strategy`` = ``requested`` on this machine.
+
+    ``single``: TensorFlow's default strategy, one device (the GPU when one is visible, else the CPU).
+    ``mirrored``: ``MirroredStrategy``, one replica per visible GPU, or per logical CPU device when no GPU
+    is visible; each replica takes its share of every batch and the gradients are summed across replicas.
+    """
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if resolve_strategy(requested, len(gpus)) == "single":
+        return tf.distribute.get_strategy()
+    devices = gpus or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([device.name for device in devices])
+
+
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    """``mirrored`` for a ``MirroredStrategy``, else ``single`` (the names of ``train_cnn.strategy``)."""
+    import tensorflow as tf
+
+    return "mirrored" if isinstance(strategy, tf.distribute.MirroredStrategy) else "single"
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -78,6 +115,7 @@ def train(
     batch_size: int = 64,
     epochs: int = 5,
     early_stopping_patience: int = 0,
+    strategy: str = "auto",
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 2,
     backup_dir: Path | None = None,
@@ -96,6 +134,12 @@ def train(
     kernel_size, dense_units, dropout, l2, optimizer, learning_rate, precision, steps_per_execution, ...).
     The history maps ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy`` to one float per epoch run.
 
+    ``strategy`` (``auto``, ``single``, ``mirrored``; see :func:`distribution_strategy`) places the model
+    and optimizer; ``batch_size`` stays the global batch, split across the replicas. The speed levers
+    follow the device: on the CPU bfloat16 compute (``precision``) and ``steps_per_execution``; on a GPU
+    also XLA (``jit_compile``), which measured slower than TensorFlow's own kernels for this model on the CPU.
+    On several replicas ``steps_per_execution`` is 1 (Keras' multi-step training call fails there).
+
     With ``backup_dir``, the weights, optimizer state, epoch and history are saved there after every
     epoch (Keras ``BackupAndRestore``), and a backup found there at the start is resumed from. As the
     order and dropout seeds of each epoch depend only on the seed and the epoch, a run resumed from its
@@ -107,7 +151,24 @@ def train(
     import tensorflow as tf
 
     runtime.seed_everything(seed, tensorflow=True)
-    model = models.build_cnn(**model_kwargs)
+    distribution = distribution_strategy(strategy)
+    on_gpu = bool(tf.config.list_logical_devices("GPU"))
+    if distribution.num_replicas_in_sync > 1 and model_kwargs.get("steps_per_execution", 1) > 1:
+        # Keras' multi-step training function fails on several replicas ("You must feed a value for
+        # placeholder tensor"), so each step is its own call there
+        log.warning(
+            "train_cnn.steps_per_execution = %d: Keras runs one step per call on several replicas; using 1",
+            model_kwargs["steps_per_execution"],
+        )
+        model_kwargs = {**model_kwargs, "steps_per_execution": 1}
+    with distribution.scope():
+        model = models.build_cnn(jit_compile=on_gpu, **model_kwargs)
+    log.info(
+        "Training with the %s strategy on %d replica(s), XLA %s",
+        strategy_name(distribution),
+        distribution.num_replicas_in_sync,
+        "on" if on_gpu else "off",
+    )
 
     # Every epoch starts by setting its example order and its dropout seeds (pure functions of seed and
     # epoch); the data pipeline reads the order as it makes each batch
@@ -228,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
             "learning_rate": cfg.learning_rate,
             "precision": cfg.precision,
             "steps_per_execution": cfg.steps_per_execution,
+            "strategy": cfg.strategy,
             "batch_size": cfg.batch_size,
             "epochs": cfg.epochs,
             "early_stopping_patience": cfg.early_stopping_patience,
@@ -291,7 +353,14 @@ def main(argv: list[str] | None = None) -> None:
             inputs=inputs,
             mlflow_run_id=ctx.tracker.run_id,
             wall_time_s=wall_time,
-            extra={"epochs_run": len(history["loss"]), "best_epoch": best + 1, "train_size": len(y_train)},
+            extra={
+                "epochs_run": len(history["loss"]),
+                "best_epoch": best + 1,
+                "train_size": len(y_train),
+                "strategy": strategy_name(model.distribute_strategy),
+                "replicas": model.distribute_strategy.num_replicas_in_sync,
+                "jit_compile": bool(model.jit_compile),
+            },
         )
         # val_loss/val_accuracy are already logged per epoch; the kept epoch says which of them the model has
         ctx.tracker.log_metrics(

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +18,9 @@ import pytest
 from stages import train_cnn
 from stages.lib import cards, io, models
 from stages.lib import params as params_lib
+from stages.lib.errors import UserError
 from stages.lib.preprocess import one_hot, to_model_input
+from tests.conftest import REPO
 from tests.mnist_fixture import make_mnist
 
 # A small model keeps each fit at a second or two; the stage test uses the real defaults
@@ -104,6 +110,78 @@ def test_resumed_training_equals_uninterrupted_training(data: dict[str, np.ndarr
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize(
+    ("requested", "gpus", "used"),
+    [("auto", 0, "single"), ("auto", 1, "single"), ("auto", 2, "mirrored"), ("single", 4, "single"),
+     ("mirrored", 0, "mirrored"), ("mirrored", 1, "mirrored")],
+)  # fmt: skip
+def test_resolve_strategy(requested: str, gpus: int, used: str) -> None:
+    assert train_cnn.resolve_strategy(requested, gpus) == used
+
+
+def test_unknown_strategy_names_the_key() -> None:
+    with pytest.raises(UserError, match=r"train_cnn.strategy = 'tpu': expected one of auto, single, mirrored"):
+        train_cnn.resolve_strategy("tpu", 0)
+
+
+def test_auto_strategy_without_gpu_trains_on_one_device_without_xla(data: dict[str, np.ndarray]) -> None:
+    import tensorflow as tf
+
+    assert not tf.config.list_logical_devices("GPU")
+    model, _ = _fit(data, epochs=1, strategy="auto")
+    assert train_cnn.strategy_name(model.distribute_strategy) == "single"
+    assert not isinstance(model.distribute_strategy, tf.distribute.MirroredStrategy)
+    assert model.distribute_strategy.num_replicas_in_sync == 1
+    assert not model.jit_compile  # XLA is slower than TensorFlow's kernels for this model on the CPU
+
+
+MIRRORED_ON_TWO_CPUS = """
+import json, sys
+import tensorflow as tf
+
+# Two logical CPU devices, configured before TensorFlow initialises its devices
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+from stages import train_cnn
+from tests.conftest import REPO
+from tests.mnist_fixture import make_mnist
+
+d = make_mnist(n_train=300, n_test=60, seed=1)
+model, history = train_cnn.train(
+    d["x_train"], d["y_train"], d["x_test"], d["y_test"], seed=0, verbose=0, epochs=2, strategy="mirrored",
+    filters=[8, 16], dense_units=16, batch_size=32, dropout=0.2, learning_rate=3e-3, steps_per_execution=4,
+)
+strategy = model.distribute_strategy
+print(json.dumps({
+    "name": train_cnn.strategy_name(strategy),
+    "replicas": strategy.num_replicas_in_sync,
+    "devices": list(strategy.extended.worker_devices),
+    "steps_per_execution": model.steps_per_execution,
+    "history": history,
+}))
+"""
+
+
+def test_mirrored_strategy_trains_on_two_logical_cpus() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED_ON_TWO_CPUS],
+        cwd=REPO,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1", "TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["name"] == "mirrored" and out["replicas"] == 2
+    assert [d.rsplit(":", 2)[-2:] for d in out["devices"]] == [["CPU", "0"], ["CPU", "1"]]
+    assert out["steps_per_execution"] == 1  # Keras' multi-step call fails on several replicas
+    assert "using 1" in result.stderr
+    losses = out["history"]["loss"]
+    assert all(math.isfinite(v) for v in losses) and losses[1] < losses[0]
+
+
 def test_early_stopping_stops_and_keeps_the_best_epoch(data: dict[str, np.ndarray]) -> None:
     # Validation labels are all wrong, so validation loss rises as the model learns the training data
     wrong = (data["y_test"] + 1) % 10
@@ -167,6 +245,7 @@ def test_main_writes_model_card_history_and_tracks_them(
     assert card["inputs"] == {str(train): io.file_md5(train), str(val): io.file_md5(val)}
     assert card["params"]["train_cnn.epochs"] == 2 and card["params"]["base.seed"] == 42
     assert card["epochs_run"] == 2 and card["train_size"] == 200
+    assert (card["strategy"], card["replicas"], card["jit_compile"]) == ("single", 1, False)
 
     rows = list(csv.DictReader((root / "plots" / "train_cnn" / "history.csv").read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2"]

@@ -68,6 +68,7 @@ def build_cnn(
     batch_norm: bool = False,
     lr_decay: float = 1.0,
     steps_per_epoch: int | None = None,
+    jit_compile: bool = False,
 ) -> keras.Model:
     """Build and compile the CNN (input float32 ``(n, 28, 28, 1)`` in [0, 1], output softmax ``(n, 10)``).
 
@@ -83,6 +84,8 @@ def build_cnn(
     training steps (staircase exponential decay). The defaults (1, False, 1.0) build exactly the model
     without these options. Raises :class:`UserError` (naming the train_cnn key) for a configuration
     that cannot work.
+
+    ``jit_compile`` compiles the training step with XLA (train_cnn asks for it on a GPU only).
     """
     import keras
     from keras import layers
@@ -129,7 +132,7 @@ def build_cnn(
     model = keras.Sequential(stack, name="mnist_cnn")
 
     # Adam or plain SGD on categorical cross-entropy, the rate optionally decaying once per epoch;
-    # XLA stays off (slower for this model on CPU)
+    # XLA only when asked (train_cnn turns it on for a GPU; on the CPU it is slower for this model)
     rate: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
     if lr_decay < 1.0:
         rate = keras.optimizers.schedules.ExponentialDecay(learning_rate, steps_per_epoch, lr_decay, staircase=True)
@@ -139,7 +142,7 @@ def build_cnn(
         loss="categorical_crossentropy",
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,
-        jit_compile=False,
+        jit_compile=jit_compile,
     )
     return model
 

@@ -125,6 +125,7 @@ class TrainCnn(_Section):
     early_stopping_patience: int = Field(ge=0)
     precision: Literal["float32", "mixed_bfloat16"]
     steps_per_execution: int = Field(ge=1)
+    strategy: Literal["auto", "single", "mirrored"]
     convs_per_block: int = Field(ge=1, le=3)
     batch_norm: bool
     lr_decay: float = Field(gt=0.0, le=1.0)
