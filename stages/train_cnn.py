@@ -80,7 +80,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    """Seed of random stream ``stream`` (one per dropout layer) in epoch ``epoch``, from ``seed`` and both only."""
+    """Seed of random stream ``stream`` (one per dropout layer) in epoch ``epoch``: a function of the three only."""
     # below 2**31 - 1: Keras reduces seeds modulo that for TensorFlow's stateless random ops
     return int(np.random.default_rng([seed, epoch, 1 + stream]).integers(2**31 - 1))
 
