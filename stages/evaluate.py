@@ -15,6 +15,11 @@ same preprocessing function its training used. Writes:
 MLflow: the evaluate run gets ``<NAME>.test_accuracy`` etc. and the outputs as artifacts; each model's
 training run (id from its card) gets ``test_accuracy``, ``test_macro_f1``, ``test_log_loss``, so the
 compare view lines the models up.
+
+Promotion (:mod:`stages.lib.registry`): the CNN is registered as a version of ``settings.registered_model``
+and becomes the ``champion`` only when it beats the current one by ``evaluate.promotion_margin``. The
+decision goes to ``--decision`` (JSON, default ``promotion.json``) and to the run's ``promotion.*`` tags.
+That file is not a DVC output: it depends on the registry's state, not only on this stage's inputs.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from stages.lib import baselines, cards, io, preprocess, runtime
+from stages.lib import baselines, cards, io, preprocess, registry, runtime
 from stages.lib.errors import UserError
 
 if TYPE_CHECKING:
@@ -187,6 +192,26 @@ def load_predictor(path: Path, card: dict[str, Any], stage: str) -> Callable[[np
     raise UserError(f"{path}: its card names format {card['format']!r}, expected keras or skops")
 
 
+def promote(ctx: runtime.StageContext, card: dict[str, Any], accuracy: float, decision_path: Path) -> None:
+    """Register the CNN and apply the promotion gate; write and log the decision."""
+    if "mlflow_model_uri" not in card:
+        raise UserError(
+            "models/cnn.json names no MLflow model (mlflow_model_uri), so it cannot be registered; "
+            "re-train it: dvc repro --force train_cnn"
+        )
+    decision = registry.promote(
+        ctx.params.settings.registered_model,
+        card["mlflow_model_uri"],
+        card["mlflow_run_id"],
+        accuracy,
+        ctx.params.evaluate.promotion_margin,
+    )
+    io.write_json(decision_path, decision)
+    ctx.tracker.set_tags({f"promotion.{k}": str(v) for k, v in decision.items() if k != "run_id"})
+    ctx.tracker.log_metrics({"promotion.promoted": float(decision["decision"] == registry.PROMOTED)})
+    ctx.tracker.log_artifact(decision_path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--test", type=Path, required=True, help="prepared test.npz")
@@ -196,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="output metrics JSON")
     parser.add_argument("--report", type=Path, required=True, help="output Markdown comparison")
     parser.add_argument("--plots-dir", type=Path, required=True, help="output directory of the plots")
+    parser.add_argument(
+        "--decision", type=Path, default=Path("promotion.json"), help="output promotion decision (JSON)"
+    )
     args = parser.parse_args(argv)
     names = [name for name, _ in args.model]
     if len(set(names)) != len(names):
@@ -260,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
             ctx.tracker.log_metrics_to_run(
                 model_cards[name]["mlflow_run_id"], {k: metrics[k] for k in METRIC_NAMES if k in metrics}
             )
+        if CNN in results:
+            promote(ctx, model_cards[CNN], results[CNN]["test_accuracy"], args.decision)
 
     runtime.run_stage(STAGE, STAGE, body, uses_tensorflow=True)
 

@@ -84,6 +84,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         ctx.tracker.log_metrics({**metrics, "train_wall_time_s": fit_s})
         baselines.save_sklearn(model, args.model)
+        model_uri = ctx.tracker.log_model(
+            "sklearn",
+            model,
+            preprocess.to_flat_input(val_split[0][:5]),
+            ("scikit-learn", "skops"),
+            serialization_format="skops",
+            skops_trusted_types=sorted(baselines.ALLOWED_TYPES),
+        )
         cards.write_card(
             args.card,
             name=args.name,
@@ -96,11 +104,11 @@ def main(argv: list[str] | None = None) -> None:
             inputs=inputs,
             mlflow_run_id=ctx.tracker.run_id,
             wall_time_s=fit_s,
+            extra={"mlflow_model_uri": model_uri},
         )
-        ctx.tracker.log_artifact(args.model)
         ctx.tracker.log_artifact(args.card)
 
-    runtime.run_stage(stage, f"baselines.{args.name}", body, uses_tensorflow=False)
+    runtime.run_stage(stage, f"baselines.{args.name}", body, uses_tensorflow=False, system_metrics=True)
 
 
 if __name__ == "__main__":

@@ -341,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
 
         models.save_cnn(model, args.model)
         io.write_text(args.history, history_csv(history))
+        model_uri = ctx.tracker.log_model(
+            "tensorflow", model, to_model_input(x_val[:5]), ("tensorflow", "keras")
+        )  # MLflow's TensorFlow flavor stores Keras 3 models as .keras files
         cards.write_card(
             args.card,
             name="cnn",
@@ -360,18 +363,18 @@ def main(argv: list[str] | None = None) -> None:
                 "strategy": strategy_name(model.distribute_strategy),
                 "replicas": model.distribute_strategy.num_replicas_in_sync,
                 "jit_compile": bool(model.jit_compile),
+                "mlflow_model_uri": model_uri,
             },
         )
         # val_loss/val_accuracy are already logged per epoch; the kept epoch says which of them the model has
         ctx.tracker.log_metrics(
             {"best_epoch": best + 1, "epochs_run": len(history["loss"]), "train_wall_time_s": wall_time}
         )
-        ctx.tracker.log_artifact(args.model)
         ctx.tracker.log_artifact(args.card)
         ctx.tracker.log_artifact(args.history)
         shutil.rmtree(backup, ignore_errors=True)  # outputs written: nothing left to resume
 
-    runtime.run_stage(STAGE, STAGE, body, uses_tensorflow=True)
+    runtime.run_stage(STAGE, STAGE, body, uses_tensorflow=True, system_metrics=True)
 
 
 if __name__ == "__main__":

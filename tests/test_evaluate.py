@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,20 +86,28 @@ def test_predict_batched_covers_every_image_in_order() -> None:
 # ------------------------------------------------------------------------------------------- the stage
 
 
-def _training_run(name: str) -> str:
-    """A finished MLflow run standing in for the model's training run (the test store, see conftest)."""
-    from mlflow.tracking import MlflowClient
+def _training_run(name: str, model_file: Path, fmt: str) -> tuple[str, str]:
+    """A finished MLflow run standing in for the model's training run (the test store, see conftest), with
+    the model logged as train_cnn / train_baseline log it. Returns the run id and the model's URI."""
+    import mlflow
 
-    client = MlflowClient()
-    exp = client.get_experiment_by_name("evaluate-tests") or client.get_experiment(
-        client.create_experiment("evaluate-tests")
-    )
-    run = client.create_run(exp.experiment_id, run_name=f"train {name}")
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    from stages.lib.tracking import StageTracker
+
+    exp = mlflow.get_experiment_by_name("evaluate-tests")
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment("evaluate-tests")
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"train {name}") as run:
+        tracker = StageTracker(run.info.run_id)
+        if fmt == "keras":
+            example = to_model_input(np.zeros((2, 28, 28), np.uint8))
+            uri = tracker.log_model("tensorflow", models.load_cnn(model_file), example, ("tensorflow", "keras"))
+        else:
+            model = baselines.load_sklearn(model_file, stage="train_baseline")
+            uri = tracker.log_model("sklearn", model, to_flat_input(np.zeros((2, 28, 28), np.uint8)), ("scikit-learn",))
+    return run.info.run_id, uri
 
 
 def _card(root: Path, name: str, model: Path, fmt: str, kind: str) -> None:
+    run_id, uri = _training_run(name, model, fmt)
     cards.write_card(
         model.with_suffix(".json"),
         name=name,
@@ -109,8 +118,9 @@ def _card(root: Path, name: str, model: Path, fmt: str, kind: str) -> None:
         device="cpu",
         metrics={"val_accuracy": 0.5},
         inputs={},
-        mlflow_run_id=_training_run(name),
+        mlflow_run_id=run_id,
         wall_time_s=1.25,
+        extra={"mlflow_model_uri": uri},
     )
 
 
@@ -126,7 +136,14 @@ def evaluate_dir(stage_dir: Callable[..., Path]) -> Callable[[], tuple[Path, lis
     """A stage directory with a prepared test set and tiny cnn, ridge and lasso models with their cards."""
 
     def make() -> tuple[Path, list[str]]:
-        root = stage_dir({"evaluate.misclassified_grid": GRID, "evaluate.batch_size": 25, "evaluate.device": "cpu"})
+        root = stage_dir(
+            {
+                "evaluate.misclassified_grid": GRID,
+                "evaluate.batch_size": 25,
+                "evaluate.device": "cpu",
+                "settings.registered_model": f"cnn-{uuid.uuid4().hex}",  # a registry of its own
+            }
+        )
         d = make_mnist(n_train=300, n_test=N_TEST, seed=3)
         io.save_arrays(root / "data/prepared/test.npz", {"x": d["x_test"], "y": d["y_test"]})
         (root / "models").mkdir()
@@ -198,6 +215,11 @@ def test_main_end_to_end(evaluate_dir, monkeypatch: pytest.MonkeyPatch) -> None:
         [client.get_experiment_by_name("mnist").experiment_id], "tags.`dvc.stage` = 'evaluate'", max_results=1
     )
     assert runs[0].data.metrics["ridge.test_accuracy"] == pytest.approx(metrics["ridge"]["test_accuracy"])
+
+    decision = json.loads((root / "promotion.json").read_text())  # the first CNN is promoted
+    assert decision["decision"] == "promoted" and decision["version"] == "1"
+    assert decision["challenger_accuracy"] == metrics["cnn"]["test_accuracy"]
+    assert runs[0].data.tags["promotion.decision"] == "promoted"
 
 
 def test_main_refuses_a_model_whose_card_does_not_match(evaluate_dir, caplog) -> None:

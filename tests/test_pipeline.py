@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from stages.fetch import content_digest
-from stages.lib import io
+from stages.lib import io, lineage
 from tests.conftest import REPO, set_params
 from tests.mnist_fixture import make_mnist
 
@@ -145,20 +145,75 @@ def test_metrics_and_plots(pipeline: Path) -> None:
     assert "| cnn |" in (pipeline / "metrics" / "evaluate.md").read_text()
 
 
-def test_one_mlflow_run_per_stage_in_default_store(pipeline: Path) -> None:
+def parents(runs: list) -> list:
+    return sorted((r for r in runs if r.data.tags.get("pipeline.role") == "parent"), key=lambda r: r.info.start_time)
+
+
+def children(runs: list, parent: object) -> dict[str, object]:
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return {r.data.tags["dvc.stage"]: r for r in kids}
+
+
+def key(stage: str) -> str:
+    return stage.replace("@", ":")
+
+
+def test_one_parent_and_one_child_per_stage_in_default_store(pipeline: Path) -> None:
     runs = mlflow_runs(pipeline)
-    stages = [r.data.tags.get("dvc.stage") for r in runs]
-    assert sorted(stages) == sorted(ALL_STAGES)
-    for r in runs:
+    (parent,) = parents(runs)
+    kids = children(runs, parent)
+    assert len(runs) == 1 + len(ALL_STAGES) and set(kids) == ALL_STAGES
+    lock = yaml.safe_load((pipeline / "dvc.lock").read_text())["stages"]
+    lock_hashes = lineage.lock_hashes(pipeline)
+    for stage, r in kids.items():
         assert r.info.status == "FINISHED"
         assert r.data.tags["device"] == "cpu"
         assert len(r.data.tags["git.commit"]) >= 40
-        assert "params.unread" not in r.data.tags, r.data.tags["dvc.stage"]  # each stage reads what it declares
-    train = next(r for r in runs if r.data.tags["dvc.stage"] == "train_cnn")
+        assert "params.unread" not in r.data.tags, stage  # each stage reads what it declares
+        assert r.data.tags["dvc.lock_hash"] == lock_hashes[stage], stage  # computed before DVC wrote it
+        md5 = {d["path"]: d["md5"] for d in lock[stage]["deps"]}
+        for used in r.inputs.dataset_inputs:  # lineage: the dataset digest is DVC's hash of that input
+            assert used.dataset.digest == md5[used.dataset.name], (stage, used.dataset.name)
+        assert bool(r.inputs.dataset_inputs) == (stage != "fetch")
+        # the parent: this child produced the stage's current outputs, and its final metrics are there too
+        assert parent.data.tags[f"stage.{key(stage)}.status"] == "ran"
+        assert parent.data.tags[f"stage.{key(stage)}.run_id"] == r.info.run_id
+        for metric, value in r.data.metrics.items():
+            if not metric.startswith("system/"):
+                assert parent.data.metrics[f"{key(stage)}.{metric}"] == value, (stage, metric)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["dvc.command"] == "dvc repro"
+    assert parent.info.run_name == "pipeline"
+    assert parent.data.params["baselines.lasso.alpha"] == str(
+        yaml.safe_load((pipeline / "params.yaml").read_text())["baselines"]["lasso"]["alpha"]
+    )
+    assert not any(k.startswith("settings.") for k in parent.data.params)
+
+    train = kids["train_cnn"]
     assert train.data.params["train_cnn.epochs"] == "1"
     assert "val_accuracy" in train.data.metrics
+    assert any(m.startswith("system/cpu") for m in train.data.metrics)  # system metrics of a training run
     card = json.loads((pipeline / "models" / "cnn.json").read_text())
     assert card["mlflow_run_id"] == train.info.run_id
+    decision = json.loads((pipeline / "promotion.json").read_text())
+    assert decision["decision"] == "promoted" and decision["run_id"] == train.info.run_id
+
+
+def test_champion_loads_and_predicts_in_a_fresh_process(pipeline: Path) -> None:
+    script = (
+        "import sys, numpy as np, mlflow\n"
+        "from stages.lib.preprocess import to_model_input\n"
+        "x = np.load('data/prepared/test.npz')['x'][:20]\n"
+        "model = mlflow.pyfunc.load_model('models:/mnist-cnn@champion')\n"
+        "out = np.asarray(model.predict(to_model_input(x)))\n"
+        "assert out.shape == (20, 10), out.shape\n"
+        "print(','.join(map(str, out.argmax(axis=1))))\n"
+    )
+    env = {**_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{pipeline / 'mlflow.db'}", "PYTHONPATH": str(pipeline)}
+    result = subprocess.run(["python", "-c", script], cwd=pipeline, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    digits = [int(d) for d in result.stdout.strip().splitlines()[-1].split(",")]
+    assert len(digits) == 20 and all(0 <= d <= 9 for d in digits)
 
 
 def test_second_repro_does_nothing(pipeline: Path) -> None:
@@ -255,9 +310,37 @@ def test_forced_rerun_on_cpu_is_bit_identical(pipeline: Path) -> None:
 
 def test_exp_run_lasso_alpha_reruns_only_lasso_and_evaluate(pipeline: Path) -> None:
     before = {r.info.run_id for r in mlflow_runs(pipeline)}
-    out = run(pipeline, "dvc", "exp", "run", "-S", "baselines.lasso.alpha=0.01").stdout
+    out = run(pipeline, "dvc", "exp", "run", "-n", "lasso-0.01", "-S", "baselines.lasso.alpha=0.01").stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train_baseline@lasso", "evaluate"}, out
-    new = [r for r in mlflow_runs(pipeline) if r.info.run_id not in before]
-    assert sorted(r.data.tags["dvc.stage"] for r in new) == ["evaluate", "train_baseline@lasso"]
-    assert all(r.data.tags.get("dvc.exp_name") for r in new)
+    runs = mlflow_runs(pipeline)
+    new = [r for r in runs if r.info.run_id not in before]
+    assert sorted(r.data.tags.get("dvc.stage", "") for r in new) == ["", "evaluate", "train_baseline@lasso"]
+    assert all(r.data.tags.get("dvc.exp_name") == "lasso-0.01" for r in new)
+
+    # The experiment's parent compares field by field with the first pipeline run's
+    first, exp = parents(runs)[0], parents(runs)[-1]
+    assert exp.info.run_name == "lasso-0.01"
+    assert set(exp.data.params) == set(first.data.params)
+    assert {k for k, v in exp.data.params.items() if v != first.data.params[k]} == {"baselines.lasso.alpha"}
+    assert set(exp.data.metrics) == set(first.data.metrics)
+    status = {k.split(".")[1]: v for k, v in exp.data.tags.items() if k.endswith(".status")}
+    assert status == {key(s): "ran" if s in ran else "unchanged" for s in ALL_STAGES}
+    assert exp.data.tags["stage.train_cnn.run_id"] == first.data.tags["stage.train_cnn.run_id"]
+
+
+def test_parent_records_stages_restored_from_the_run_cache(pipeline: Path) -> None:
+    """Lasso back to its first alpha (DVC restores it from its run-cache) with a new evaluate batch size."""
+    original = yaml.safe_load((REPO / "params.yaml").read_text())["baselines"]["lasso"]["alpha"]
+    set_params(pipeline / "params.yaml", {"baselines.lasso.alpha": original, "evaluate.batch_size": 77})
+    out = run(pipeline, "dvc", "repro").stdout
+    assert "Stage 'train_baseline@lasso' is cached" in out, out
+    runs = mlflow_runs(pipeline)
+    last = parents(runs)[-1]
+    assert set(children(runs, last)) == {"evaluate"}
+    assert last.data.tags["stage.train_baseline:lasso.status"] == "restored"
+    producer = next(r for r in runs if r.info.run_id == last.data.tags["stage.train_baseline:lasso.run_id"])
+    assert producer.data.tags["dvc.stage"] == "train_baseline@lasso"
+    assert producer.data.tags["dvc.lock_hash"] == lineage.lock_hashes(pipeline)["train_baseline@lasso"]
+    assert producer.data.tags["mlflow.parentRunId"] != last.info.run_id
+    assert last.data.tags["stage.train_cnn.status"] == "unchanged"

@@ -187,6 +187,14 @@ def test_main_writes_model_and_card_and_reads_exactly_its_params(
     assert run.data.metrics["val_accuracy"] == pytest.approx(card["metrics"]["val_accuracy"])
     assert run.data.tags["dvc.stage"] == f"train_baseline@{name}"
     assert run.data.params[f"baselines.{name}.alpha"]
+    # the scikit-learn flavor, stored with skops: it predicts what the .skops file predicts
+    import mlflow
+
+    x = to_flat_input(np.load(root / "data/prepared/val.npz")["x"][:5])
+    served = mlflow.sklearn.load_model(card["mlflow_model_uri"])
+    assert mlflow.models.get_model_info(card["mlflow_model_uri"]).flavors["sklearn"]["serialization_format"] == "skops"
+    saved = baselines.load_sklearn(root / f"models/{name}.skops", stage=f"train_baseline@{name}")
+    np.testing.assert_array_equal(served.predict(x), saved.predict(x))
 
 
 def test_main_runs_without_importing_tensorflow(stage_dir: Callable[..., Path]) -> None:

@@ -258,7 +258,14 @@ def test_main_writes_model_card_history_and_tracks_them(
     assert sorted(steps) == [1, 2]
     assert run.data.metrics["best_epoch"] == 2 and run.data.metrics["epochs_run"] == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"cnn.keras", "cnn.json", "history.csv"} <= artifacts
+    assert {"cnn.json", "history.csv"} <= artifacts
+    # the MLflow model: signature of the preprocessed images, and it predicts like the saved .keras file
+    logged = mlflow.models.get_model_info(card["mlflow_model_uri"])
+    assert logged.run_id == run.info.run_id
+    assert tuple(logged.signature.inputs.inputs[0].shape) == (-1, 28, 28, 1)
+    x = to_model_input(np.load(val)["x"][:4])
+    served = np.asarray(mlflow.pyfunc.load_model(card["mlflow_model_uri"]).predict(x))
+    np.testing.assert_allclose(served, models.load_cnn(model_file).predict(x, verbose=0), atol=1e-6)
     assert {i.dataset.digest for i in run.inputs.dataset_inputs} == set(card["inputs"].values())
 
     # every declared key is read, and nothing else

@@ -59,6 +59,7 @@ class Base(_Section):
 class Settings(_Section):
     mlflow_experiment: str = Field(min_length=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+    registered_model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class NpzSource(_Section):
@@ -152,6 +153,7 @@ class Evaluate(_Section):
     device: Device
     batch_size: int = Field(ge=1)
     misclassified_grid: int = Field(ge=1, le=400)
+    promotion_margin: float = Field(ge=0.0, le=1.0)
 
 
 class AllParams(_Section):
@@ -168,7 +170,7 @@ class AllParams(_Section):
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _read_yaml(path: Path, what: str) -> Any:
+def read_yaml(path: Path, what: str) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -210,8 +212,8 @@ def validate(data: Any, path: Path) -> AllParams:
 _TEMPLATE = re.compile(r"\$\{\s*(item|key)\s*\}")
 
 
-def declared_params(stage: str, pipeline: Mapping[str, Any], pipeline_path: str = PIPELINE_FILE) -> tuple[str, ...]:
-    """The params keys (of params.yaml) that dvc.yaml declares for ``stage``, e.g. ``("base.seed", "augment")``.
+def stage_spec(stage: str, pipeline: Mapping[str, Any], pipeline_path: str = PIPELINE_FILE) -> dict[str, Any]:
+    """The dvc.yaml definition of ``stage`` (``cmd``, ``deps``, ``params``, ...), with ``${item}`` filled in.
 
     Supports ``foreach`` over a list (stage ``name@item``), the form dvc.yaml uses for the baselines.
     """
@@ -228,13 +230,36 @@ def declared_params(stage: str, pipeline: Mapping[str, Any], pipeline_path: str 
         spec = spec["do"]
     elif item:
         raise UserError(f"{pipeline_path}: stage '{name}' has no foreach, so '{stage}' does not exist")
+    return _fill(spec, item)
+
+
+def _fill(node: Any, item: str) -> Any:
+    if isinstance(node, str):
+        return _TEMPLATE.sub(item, node)
+    if isinstance(node, Mapping):
+        return {_fill(k, item): _fill(v, item) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill(v, item) for v in node]
+    return node
+
+
+def stage_names(pipeline: Mapping[str, Any]) -> list[str]:
+    """Every stage of dvc.yaml in file order, a foreach expanded to ``name@item`` (DVC's names)."""
+    names: list[str] = []
+    for name, spec in (pipeline.get("stages") or {}).items():
+        names += [f"{name}@{item}" for item in spec["foreach"]] if "foreach" in spec else [name]
+    return names
+
+
+def declared_params(stage: str, pipeline: Mapping[str, Any], pipeline_path: str = PIPELINE_FILE) -> tuple[str, ...]:
+    """The params keys (of params.yaml) that dvc.yaml declares for ``stage``, e.g. ``("base.seed", "augment")``."""
     keys: list[str] = []
-    for entry in spec.get("params") or []:
+    for entry in stage_spec(stage, pipeline, pipeline_path).get("params") or []:
         if isinstance(entry, str):
             keys.append(entry)
         elif isinstance(entry, Mapping):
             keys.extend(entry.get(PARAMS_FILE) or [])
-    return tuple(_TEMPLATE.sub(item, key) for key in keys)
+    return tuple(keys)
 
 
 class StageParams:
@@ -284,6 +309,15 @@ class StageParams:
             _flatten(key, value, out)
         return out
 
+    def flat_all(self) -> dict[str, Any]:
+        """Every leaf of params.yaml but ``settings``, declared or not (a pipeline run's full parameters),
+        without counting as a read."""
+        out: dict[str, Any] = {}
+        for name in type(self._model).model_fields:
+            if name != SETTINGS:
+                _flatten(name, getattr(self._model, name), out)
+        return out
+
 
 def _flatten(key: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, BaseModel):
@@ -309,8 +343,8 @@ def load(stage: str, root: str | os.PathLike[str] = ".") -> StageParams:
             f"fix that stage's cmd in {PIPELINE_FILE}"
         )
     params_path = root / PARAMS_FILE
-    model = validate(_read_yaml(params_path, "params file"), params_path)
-    pipeline = _read_yaml(root / PIPELINE_FILE, "pipeline file") or {}
+    model = validate(read_yaml(params_path, "params file"), params_path)
+    pipeline = read_yaml(root / PIPELINE_FILE, "pipeline file") or {}
     declared = declared_params(stage, pipeline, str(root / PIPELINE_FILE))
     for key in declared:
         value: Any = model

@@ -105,10 +105,18 @@ class StageContext:
     tracker: StageTracker
 
 
-def run_stage(stage: str, section: str, body: Callable[[StageContext], None], *, uses_tensorflow: bool) -> None:
+def run_stage(
+    stage: str,
+    section: str,
+    body: Callable[[StageContext], None],
+    *,
+    uses_tensorflow: bool,
+    system_metrics: bool = False,
+) -> None:
     """Run one stage: load params, apply the device, open its tracking run, call ``body``.
 
     ``section`` is the params section holding the stage's ``device`` (``augment``, ``baselines.ridge``).
+    ``system_metrics``: sample CPU, memory and GPU use into the run (the training stages).
     An error the user can fix (:class:`UserError`) ends the process with one log line and exit code 1.
     """
     configure_logging()
@@ -124,7 +132,7 @@ def run_stage(stage: str, section: str, body: Callable[[StageContext], None], *,
 
         from stages.lib import tracking
 
-        with tracking.stage_run(stage, params, device) as tracker:
+        with tracking.stage_run(stage, params, device, system_metrics=system_metrics) as tracker:
             body(StageContext(stage, params, device, tracker))
             unread = sorted(set(params.flat()) - params.reads)
             if unread:

@@ -1,9 +1,20 @@
-"""MLflow tracking of the stages: one run per stage that runs, in one experiment.
+"""MLflow tracking of the pipeline: one parent run per ``dvc`` invocation, one child run per stage that runs.
 
-Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<repo root>/mlflow.db``. Params are
-logged flat with the dotted names of params.yaml; runs carry the tags ``dvc.stage``, ``git.commit``,
-``device`` and, under ``dvc exp run``, ``dvc.exp_name``. MLflow is imported here only, inside functions,
-so stage modules stay cheap to import.
+Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<repo root>/mlflow.db`` (the repository
+of ``DVC_ROOT``, also for queued experiments running in a copy under ``.dvc/tmp/exps/``).
+
+A stage's run (the child) holds its declared params (flat, with the dotted names of params.yaml), its
+metrics, artifacts and data inputs (digest = DVC's md5), and the tags ``dvc.stage``, ``dvc.lock_hash``
+(:mod:`stages.lib.lineage`), ``git.commit``, ``device`` and, under ``dvc exp run``, ``dvc.exp_name``.
+
+The parent, named after the DVC experiment (``DVC_EXP_NAME``) or ``pipeline``, holds every param of
+params.yaml and, after each stage, the state of the whole pipeline: for every stage of dvc.yaml the tags
+``stage.<name>.status`` (``ran`` in this invocation, ``restored`` by DVC from its run-cache, or
+``unchanged``), ``stage.<name>.run_id`` (the run that produced the current outputs) and
+``stage.<name>.lock_hash``, and that run's final metrics as ``<stage>.<metric>``. So every parent has the
+same keys and two pipeline runs compare field by field.
+
+MLflow is imported here only, inside functions, so stage modules stay cheap to import.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from stages.lib import lineage
 from stages.lib.errors import UserError
 from stages.lib.io import file_md5
 from stages.lib.params import StageParams
@@ -30,6 +42,9 @@ log = logging.getLogger(__name__)
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+MODEL_ARTIFACT = "model"  # artifact name of the MLflow model in a training run
+PARENT_NAME = "pipeline"  # parent run name outside `dvc exp run`
+SYSTEM_METRICS_INTERVAL_S = 2.0
 
 
 def repo_root() -> Path:
@@ -150,40 +165,230 @@ class StageTracker:
         mlflow.log_input(MetaDataset(source=source, name=str(path), digest=digest), context=context)
         return digest
 
+    def log_model(self, flavor: str, model: Any, input_example: Any, packages: tuple[str, ...], **kwargs: Any) -> str:
+        """Log ``model`` as this run's MLflow model (artifact ``model``) with the ``flavor`` module
+        (``keras``, ``sklearn``), a signature inferred from ``input_example`` and the model's output on it,
+        and ``packages`` pinned to their installed versions as requirements (MLflow would otherwise infer
+        them in a subprocess). Returns the model's URI."""
+        import importlib
+        from importlib.metadata import version
+
+        from mlflow.models import infer_signature
+
+        module = importlib.import_module(f"mlflow.{flavor}")
+        output = (
+            model.predict(input_example, verbose=0)
+            if flavor in ("keras", "tensorflow")
+            else model.predict(input_example)
+        )
+        info = module.log_model(
+            model,
+            name=MODEL_ARTIFACT,
+            signature=infer_signature(input_example, output),
+            input_example=input_example,
+            pip_requirements=[f"{name}=={version(name)}" for name in packages],
+            **kwargs,
+        )
+        return info.model_uri
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         import mlflow
 
         mlflow.set_tags(dict(tags))
 
 
-@contextlib.contextmanager
-def stage_run(stage: str, params: StageParams, device: str) -> Iterator[StageTracker]:
-    """Open the MLflow run of one stage, log its declared params and tags, and yield its tracker."""
-    uri = tracking_uri()
-    check_reachable(uri)  # before importing MLflow: a dead server fails the stage in well under a second
-
+def _experiment_id(name: str, uri: str, root: Path) -> str:
+    """The id of experiment ``name``, created (artifacts under ``<root>/mlartifacts`` for SQLite) if needed."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    root = repo_root()
-    mlflow.set_tracking_uri(uri)
-    name = params.settings.mlflow_experiment
     try:
         experiment = mlflow.get_experiment_by_name(name)
-        if experiment is None:
-            artifacts = (root / ARTIFACTS_DIR).as_uri() if uri.startswith("sqlite:") else None
-            experiment_id = mlflow.create_experiment(name, artifact_location=artifacts)
-        else:
-            experiment_id = experiment.experiment_id
+        if experiment is not None:
+            return experiment.experiment_id
+        artifacts = (root / ARTIFACTS_DIR).as_uri() if uri.startswith("sqlite:") else None
+        try:
+            return mlflow.create_experiment(name, artifact_location=artifacts)
+        except MlflowException:
+            # another stage process (a parallel queued experiment) created it first
+            experiment = mlflow.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
     except MlflowException as exc:
         raise UserError(
             f"MLflow tracking at {redact_uri(uri)} is not usable ({exc.message.splitlines()[0]}); "
             "fix or unset MLFLOW_TRACKING_URI (default: the repository's mlflow.db)"
         ) from None
-    tags = {"dvc.stage": stage, "git.commit": git_commit(root), "device": device}
+
+
+def _chunks(items: list[Any], size: int = 100) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _key(stage: str) -> str:
+    """``stage`` as MLflow allows in a tag or metric name: ``train_baseline@ridge`` → ``train_baseline:ridge``."""
+    return stage.replace("@", ":")
+
+
+def _stage_tags(tags: Mapping[str, str], suffix: str) -> dict[str, str]:
+    """``{stage: value}`` from tags ``stage.<key>.<suffix>`` (see :func:`_key`)."""
+    head, tail = "stage.", f".{suffix}"
+    return {
+        k[len(head) : -len(tail)].replace(":", "@"): v
+        for k, v in tags.items()
+        if k.startswith(head) and k.endswith(tail)
+    }
+
+
+class Pipeline:
+    """The parent run of one ``dvc`` invocation in the workspace ``workspace`` (found or created)."""
+
+    def __init__(self, experiment_id: str, invocation: lineage.Invocation, workspace: Path, params: StageParams):
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient()
+        self.experiment_id = experiment_id
+        self.workspace = workspace
+        found = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`dvc.invocation` = '{invocation.key}' and tags.`pipeline.role` = 'parent'",
+            max_results=1,
+        )
+        if found:
+            self.run_id = found[0].info.run_id
+            self.start = _stage_tags(found[0].data.tags, "lock_at_start")
+            return
+        tags = {
+            "pipeline.role": "parent",
+            "dvc.invocation": invocation.key,
+            "dvc.command": invocation.command,
+            "dvc.workspace": str(workspace),
+            "git.commit": git_commit(workspace),
+        }
+        if exp_name := os.environ.get("DVC_EXP_NAME"):
+            tags["dvc.exp_name"] = exp_name
+        self.start = self._previous_state()
+        tags.update({f"stage.{_key(stage)}.lock_at_start": h for stage, h in self.start.items()})
+        run = self.client.create_run(experiment_id, run_name=exp_name or PARENT_NAME, tags=tags)
+        self.run_id = run.info.run_id
+        everything = [Param(k, _param_value(v)) for k, v in params.flat_all().items()]
+        for batch in _chunks(everything):
+            self.client.log_batch(self.run_id, params=batch)
+        log.info("MLflow parent run %s for '%s'", self.run_id, invocation.command)
+
+    def _previous_state(self) -> dict[str, str]:
+        """Each stage's lock hash when this invocation began: as the workspace's previous parent run left it,
+        else as committed in git (HEAD's dvc.lock), else as dvc.lock is now."""
+        previous = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`pipeline.role` = 'parent' and tags.`dvc.workspace` = '{self.workspace}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if previous:
+            return _stage_tags(previous[0].data.tags, "lock_hash")
+        committed = subprocess.run(
+            ["git", "show", f"HEAD:{lineage.LOCK_FILE}"], cwd=self.workspace, capture_output=True, text=True
+        )
+        if committed.returncode == 0:
+            return lineage.lock_hashes_from_text(committed.stdout)
+        return lineage.lock_hashes(self.workspace)
+
+    def set_status(self, status: str) -> None:
+        self.client.update_run(self.run_id, status=status)
+
+    def record(self, stage: str, stage_hash: str, status: str) -> None:
+        """Record the pipeline's state after ``stage`` ended with ``status``: which run produced each stage's
+        current outputs and its final metrics; mark the parent ``status`` (FINISHED or FAILED)."""
+        from mlflow.entities import Metric, RunTag
+
+        hashes = lineage.lock_hashes(self.workspace)
+        hashes[stage] = stage_hash
+        children = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'"
+        )
+        ran = {}
+        for child in sorted(children, key=lambda r: r.info.start_time):
+            ran[child.data.tags.get("dvc.stage")] = child
+        tags: list[RunTag] = []
+        metrics: list[Metric] = []
+        now = int(time.time() * 1000)
+        for name in lineage.pipeline_stages(self.workspace):
+            h = hashes.get(name)
+            if h is None:
+                continue
+            if name in ran and ran[name].data.tags.get("dvc.lock_hash") == h:
+                producer, state = ran[name], "ran"
+            else:
+                found = self.client.search_runs(
+                    [self.experiment_id],
+                    filter_string=f"tags.`dvc.stage` = '{name}' and tags.`dvc.lock_hash` = '{h}' "
+                    "and attributes.status = 'FINISHED'",
+                    order_by=["attributes.start_time DESC"],
+                    max_results=1,
+                )
+                producer = found[0] if found else None
+                state = "unchanged" if self.start.get(name) == h else "restored"
+            key = _key(name)
+            tags += [RunTag(f"stage.{key}.lock_hash", h), RunTag(f"stage.{key}.status", state)]
+            tags.append(RunTag(f"stage.{key}.run_id", producer.info.run_id if producer else "unknown"))
+            if producer is not None:
+                metrics += [
+                    Metric(f"{key}.{k}", v, now, 0)
+                    for k, v in producer.data.metrics.items()
+                    if not k.startswith("system/")
+                ]
+        for batch in _chunks(tags):
+            self.client.log_batch(self.run_id, tags=batch)
+        for batch in _chunks(metrics, 1000):
+            self.client.log_batch(self.run_id, metrics=batch)
+        self.client.set_terminated(self.run_id, status=status)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: StageParams, device: str, *, system_metrics: bool = False) -> Iterator[StageTracker]:
+    """Open the MLflow run of one stage (a child of its invocation's parent when DVC runs it), log its
+    declared params and tags, and yield its tracker; on exit, record the pipeline's state in the parent.
+
+    With ``system_metrics``, MLflow samples CPU, memory (and GPU, with ``nvidia-ml-py`` installed) every
+    few seconds into ``system/*`` metrics of the run.
+    """
+    uri = tracking_uri()
+    check_reachable(uri)  # before importing MLflow: a dead server fails the stage in well under a second
+
+    import mlflow
+
+    root = repo_root()
+    workspace = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    mlflow.set_tracking_uri(uri)
+    name = params.settings.mlflow_experiment
+    experiment_id = _experiment_id(name, uri, root)
+    stage_hash = lineage.stage_hash(stage, workspace) if os.environ.get("DVC_STAGE") else None
+    invocation = lineage.dvc_invocation() if stage_hash else None
+    pipeline = Pipeline(experiment_id, invocation, workspace, params) if invocation else None
+
+    tags = {"dvc.stage": stage, "git.commit": git_commit(workspace), "device": device}
+    if stage_hash:
+        tags["dvc.lock_hash"] = stage_hash
     if exp_name := os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = exp_name
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
-        mlflow.log_params({k: _param_value(v) for k, v in params.flat().items()})
-        log.info("MLflow run %s (experiment '%s', %s)", run.info.run_id, name, redact_uri(uri))
-        yield StageTracker(run.info.run_id)
+    if pipeline is not None:
+        tags["mlflow.parentRunId"] = pipeline.run_id
+        pipeline.set_status("RUNNING")
+    if system_metrics:
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    status = "FAILED"
+    try:
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=stage, tags=tags, log_system_metrics=system_metrics
+        ) as run:
+            mlflow.log_params({k: _param_value(v) for k, v in params.flat().items()})
+            log.info("MLflow run %s (experiment '%s', %s)", run.info.run_id, name, redact_uri(uri))
+            yield StageTracker(run.info.run_id)
+        status = "FINISHED"
+    finally:
+        if pipeline is not None:
+            pipeline.record(stage, stage_hash, status)

@@ -1,0 +1,90 @@
+"""The MLflow model registry and the promotion gate for the CNN.
+
+Each new CNN (one training run) becomes a version of the registered model (``settings.registered_model``,
+``mnist-cnn`` by default), tagged with its test accuracy and the git commit it was trained at. The alias
+``champion`` moves to it only when its test accuracy beats the current champion's by more than zero and
+by at least ``evaluate.promotion_margin``; the first version is promoted. Otherwise it gets the alias
+``challenger``. A model that is already registered (evaluate re-ran for another reason) is left as it is.
+Serving code loads ``models:/mnist-cnn@champion``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PROMOTED, NOT_PROMOTED, UNCHANGED = "promoted", "not_promoted", "unchanged"
+
+
+def _by_alias(client: Any, name: str, alias: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def gate(accuracy: float, champion_accuracy: float | None, margin: float) -> tuple[bool, str]:
+    """Whether a model with test ``accuracy`` replaces a champion with ``champion_accuracy`` (None: there is
+    none), and why, in one sentence."""
+    if champion_accuracy is None:
+        return True, "first registered model: no champion yet"
+    diff = accuracy - champion_accuracy
+    if diff > 0 and diff >= margin:
+        return True, (
+            f"test accuracy {accuracy:.4f} beats the champion's {champion_accuracy:.4f} "
+            f"by {diff:+.4f}, at least the margin {margin:.4f}"
+        )
+    return False, (
+        f"test accuracy {accuracy:.4f} does not beat the champion's {champion_accuracy:.4f} "
+        f"by more than zero and at least the margin {margin:.4f} ({diff:+.4f})"
+    )
+
+
+def promote(name: str, model_uri: str, run_id: str, accuracy: float, margin: float) -> dict[str, Any]:
+    """Register the model at ``model_uri`` (logged by training run ``run_id``) as a version of ``name``,
+    apply the gate, move the aliases, and return the decision (see the module docstring)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="The pipeline's CNN; alias champion = the model to serve")
+    champion = _by_alias(client, name, CHAMPION)
+    champion_accuracy = float(champion.tags["test_accuracy"]) if champion else None
+    commit = client.get_run(run_id).data.tags.get("git.commit", "unknown")
+
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = existing[0]
+        role = CHAMPION if champion and champion.version == version.version else "not the champion"
+        decision, reason = UNCHANGED, f"this model is already version {version.version} ({role}); aliases unchanged"
+    else:
+        version = mlflow.register_model(
+            model_uri, name, tags={"test_accuracy": repr(accuracy), "git.commit": commit, "run_id": run_id}
+        )
+        promoted, reason = gate(accuracy, champion_accuracy, margin)
+        decision = PROMOTED if promoted else NOT_PROMOTED
+        client.set_registered_model_alias(name, CHAMPION if promoted else CHALLENGER, version.version)
+    result = {
+        "model": name,
+        "decision": decision,
+        "version": str(version.version),
+        "challenger_accuracy": accuracy,
+        "champion_version": champion.version if champion else None,
+        "champion_accuracy": champion_accuracy,
+        "margin": margin,
+        "reason": reason,
+        "run_id": run_id,
+        "git_commit": commit,
+    }
+    log.info("%s version %s: %s (%s)", name, version.version, decision.replace("_", " "), reason)
+    return result
