@@ -65,7 +65,7 @@ def promote(name: str, model_uri: str, run_id: str, accuracy: float, margin: flo
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:
         version = existing[0]
-        role = CHAMPION if champion and champion.version == version.version else "not the champion"
+        role = CHAMPION if champion and str(champion.version) == str(version.version) else "not the champion"
         decision, reason = UNCHANGED, f"this model is already version {version.version} ({role}); aliases unchanged"
     else:
         version = mlflow.register_model(
@@ -79,7 +79,7 @@ def promote(name: str, model_uri: str, run_id: str, accuracy: float, margin: flo
         "decision": decision,
         "version": str(version.version),
         "challenger_accuracy": accuracy,
-        "champion_version": champion.version if champion else None,
+        "champion_version": str(champion.version) if champion else None,
         "champion_accuracy": champion_accuracy,
         "margin": margin,
         "reason": reason,
