@@ -13,6 +13,13 @@ Each variant runs in its own process (clean TensorFlow state, its own peak RSS);
 after another in one invocation, so machine load hits them alike; with ``--repeats`` they alternate.
 Wall time ("fit s") is the fit (model build, data pipeline, training, validation), not the TensorFlow
 import; "CPU s" is the process's CPU time over the same span, which other jobs on the machine disturb less.
+With ``--epoch-time`` (``python -m benchmarks train_cnn --epoch-time``) it instead reports seconds per
+epoch of the pipeline's ``train()`` with params.yaml's train_cnn settings on the augment stage's output
+(``data/augmented/train.npz``, else the prepared split augmented as params.yaml says), validation
+included, on whatever device TensorFlow sees (a GPU when one is visible; train() itself then picks the
+strategy and XLA, as in the stage): the first epoch (tracing, warm-up) and the median of the others.
+``make bench`` runs both.
+
 Run with ``python -m benchmarks train_cnn`` or ``python benchmarks/bench_train_cnn.py --variants ...``.
 """
 
@@ -38,6 +45,7 @@ if str(ROOT) not in sys.path:
 from stages.lib import io  # noqa: E402
 
 PREPARED = ROOT / "data" / "prepared"
+AUGMENTED = ROOT / "data" / "augmented" / "train.npz"
 SEED, EPOCHS, BATCH = 42, 5, 64
 BF16 = "mixed_bfloat16"
 
@@ -161,10 +169,86 @@ def worker(name: str, seed: int = SEED) -> dict[str, Any]:
     }
 
 
-def _run_worker(name: str, seed: int) -> dict[str, Any]:
+def epoch_worker(epochs: int) -> dict[str, Any]:
+    """Time each epoch of ``train()`` with params.yaml's train_cnn settings on the pipeline's training set."""
+    import inspect
+
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cfg, aug, seed = params["train_cnn"], params["augment"], params["base"]["seed"]
+    x_val, y_val = _split("val")
+    if AUGMENTED.is_file():
+        x_train, y_train = io.load_split(AUGMENTED, stage="augment")
+        source = str(AUGMENTED.relative_to(ROOT))
+    else:
+        from stages import augment
+
+        x, y = _split("train")
+        extra = augment.augment(
+            x, aug["copies"], aug["rotation_deg"], aug["width_shift"], aug["height_shift"], aug["zoom"],
+            aug["horizontal_flip"], aug["batch_size"], seed=seed,
+        )  # fmt: skip
+        x_train, y_train = augment.with_originals(x, y, extra)
+        source = "data/prepared/train.npz augmented as params.yaml says"
+
+    import keras
+    import tensorflow as tf
+
+    from stages.lib import models
+    from stages.train_cnn import train
+
+    gpus = tf.config.list_physical_devices("GPU")
+    device = tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name) if gpus else "CPU"
+    # The settings train() and build_cnn() take, as the stage passes them (whatever params.yaml adds later)
+    accepted = set(inspect.signature(train).parameters) | set(inspect.signature(models.build_cnn).parameters)
+    hparams = {k: v for k, v in cfg.items() if k in accepted and k not in ("epochs", "device")}
+    if "steps_per_epoch" in accepted:
+        hparams["steps_per_epoch"] = -(-len(y_train) // cfg["batch_size"])
+
+    times: list[float] = []
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            times.append(time.perf_counter() - self.start)
+
+    _, history = train(
+        x_train, y_train, x_val, y_val, seed=seed, epochs=epochs, callbacks=[EpochTimer()], verbose=0, **hparams
+    )
+    return {
+        "device": device,
+        "source": source,
+        "train_size": len(y_train),
+        "epoch_s": times,
+        "hparams": hparams,
+        "val_accuracy": history["val_accuracy"][-1],
+    }
+
+
+def epoch_time(epochs: int = 3) -> dict[str, Any]:
+    """Print and return seconds per epoch of the pipeline's train() on the device present (its own process)."""
+    r = _run_worker("epoch-time", SEED, ["--epochs", str(epochs)])
+    steady = statistics.median(r["epoch_s"][1:]) if len(r["epoch_s"]) > 1 else r["epoch_s"][0]
+    shown = {k: v for k, v in r["hparams"].items() if k not in ("steps_per_epoch",)}
+    print(f"train_cnn train(), params.yaml settings: {shown}")
+    print(f"data: {r['train_size']} training images ({r['source']}), 5000 validation images per epoch")
+    print(
+        f"device {r['device']}: first epoch {r['epoch_s'][0]:.1f} s, then {steady:.1f} s/epoch "
+        f"(median of {max(len(r['epoch_s']) - 1, 1)}; all: {', '.join(f'{t:.1f}' for t in r['epoch_s'])}); "
+        f"{r['train_size'] / steady:,.0f} images/s"
+    )
+    if r["device"] != "CPU":
+        print(f"  {'meets' if steady <= 1.0 else 'ABOVE'} the 1 s/epoch GPU target")
+    return r | {"steady_epoch_s": steady}
+
+
+def _run_worker(name: str, seed: int, extra: list[str] | None = None) -> dict[str, Any]:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_train_cnn", "--worker", name, "--seed", str(seed)],
+        [sys.executable, "-m", "benchmarks.bench_train_cnn", "--worker", name, "--seed", str(seed), *(extra or [])],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -176,8 +260,11 @@ def _run_worker(name: str, seed: int) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def main(variants: list[str] | None = None, repeats: int = 1, seed: int = SEED) -> dict[str, dict[str, Any]]:
-    """Run the variants (all by default) ``repeats`` times, alternating; print a table and return the results."""
+def main(
+    variants: list[str] | None = None, repeats: int = 1, seed: int = SEED, epoch_time_too: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Run the variants (all by default) ``repeats`` times, alternating; print a table and return the results.
+    With ``epoch_time_too``, then print the seconds per epoch of the pipeline's settings (:func:`epoch_time`)."""
     names = variants or list(VARIANTS)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for r in range(repeats):
@@ -212,21 +299,34 @@ def main(variants: list[str] | None = None, repeats: int = 1, seed: int = SEED) 
             f"{name:<20}{HOW[how]:<43}{precision:<16}{spe:>4}{s['train_size']:>9}{s['fit_s']:>8.1f}"
             f"{base / s['fit_s']:>8.2f}×{s['cpu_s']:>8.1f}{s['test_accuracy']:>10.4f}{s['peak_rss_mb']:>8.0f}MB"
         )
+    if epoch_time_too:
+        print()
+        summary["epoch time"] = epoch_time()
     return summary
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant, alternating (default 1)")
     parser.add_argument("--seed", type=int, default=SEED, help=f"training seed (default {SEED})")
-    parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
+    parser.add_argument("--epoch-time", action="store_true", help="only seconds per epoch of the pipeline's train()")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs timed with --epoch-time (default 3)")
+    parser.add_argument("--worker", choices=[*VARIANTS, "epoch-time"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker == "epoch-time":
+        print(json.dumps(epoch_worker(args.epochs)))
+    elif args.worker:
         print(json.dumps(worker(args.worker, args.seed)))
+    elif args.epoch_time:
+        epoch_time(args.epochs)
     else:
         chosen = [v.strip() for v in args.variants.split(",")] if args.variants else None
         unknown = [v for v in chosen or [] if v not in VARIANTS]
         if unknown:
             parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-        main(chosen, args.repeats, args.seed)
+        main(chosen, args.repeats, args.seed, epoch_time_too=chosen is None)
+
+
+if __name__ == "__main__":
+    cli()
