@@ -197,6 +197,26 @@ class StageTracker:
         mlflow.set_tags(dict(tags))
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store, hold an exclusive lock on ``<db>.lock`` while the store is opened: MLflow creates
+    and migrates a new database on first use, and two stages doing that at once (parallel queued
+    experiments) would both run the migrations. Other stores need no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(uri[len("sqlite:///") :].split("?", 1)[0] + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _experiment_id(name: str, uri: str, root: Path) -> str:
     """The id of experiment ``name``, created (artifacts under ``<root>/mlartifacts`` for SQLite) if needed."""
     import mlflow
@@ -362,10 +382,11 @@ def stage_run(stage: str, params: StageParams, device: str, *, system_metrics: b
     import mlflow
 
     root = repo_root()
-    workspace = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    workspace = Path.cwd().resolve()  # a queued experiment runs in a copy; DVC_ROOT names the repository
     mlflow.set_tracking_uri(uri)
     name = params.settings.mlflow_experiment
-    experiment_id = _experiment_id(name, uri, root)
+    with _store_lock(uri):
+        experiment_id = _experiment_id(name, uri, root)
     stage_hash = lineage.stage_hash(stage, workspace) if os.environ.get("DVC_STAGE") else None
     invocation = lineage.dvc_invocation() if stage_hash else None
     pipeline = Pipeline(experiment_id, invocation, workspace, params) if invocation else None
