@@ -54,7 +54,8 @@ def stage_hash(stage: str, root: str | os.PathLike[str] = ".") -> str:
     for entry in spec.get("params") or []:
         for key in [entry] if isinstance(entry, str) else entry.get(PARAMS_FILE) or []:
             params[key] = _lookup(raw, key)
-    deps = {path: file_md5(root / path) for path in spec.get("deps") or []}
+    # DVC runs a stage only when its deps exist; by hand, a missing one just yields a hash no lock matches
+    deps = {path: file_md5(root / path) if (root / path).is_file() else "" for path in spec.get("deps") or []}
     return entry_hash(spec["cmd"], deps, params)
 
 

@@ -102,13 +102,22 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         ) from None
 
 
+# Files DVC itself rewrites during a run (the lock file and the committed metrics and plots): changes to
+# them do not make the code a run used "dirty".
+PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots")
+
+
 def git_commit(root: Path) -> str:
-    """HEAD's commit hash, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    """HEAD's commit hash, with ``-dirty`` when tracked files other than the pipeline's own outputs
+    (:data:`PIPELINE_OUTPUTS`) differ from it; ``unknown`` outside git."""
+    excluded = [f":(exclude){path}" for path in PIPELINE_OUTPUTS]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=root, capture_output=True).returncode
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", ".", *excluded], cwd=root, capture_output=True
+        ).returncode
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
@@ -380,6 +389,7 @@ def stage_run(stage: str, params: StageParams, device: str, *, system_metrics: b
     check_reachable(uri)  # before importing MLflow: a dead server fails the stage in well under a second
 
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     root = repo_root()
     workspace = Path.cwd().resolve()  # a queued experiment runs in a copy; DVC_ROOT names the repository
@@ -412,4 +422,7 @@ def stage_run(stage: str, params: StageParams, device: str, *, system_metrics: b
         status = "FINISHED"
     finally:
         if pipeline is not None:
-            pipeline.record(stage, stage_hash, status)
+            try:
+                pipeline.record(stage, stage_hash, status)
+            except MlflowException as exc:  # the stage's own run is complete; only the summary is missing
+                log.warning("could not update parent run %s: %s", pipeline.run_id, exc.message.splitlines()[0])
