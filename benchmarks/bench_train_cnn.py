@@ -2,7 +2,7 @@
 
 Every variant trains the default CNN (Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense10, Adam 1e-3,
 batch 64, 5 epochs, seed 42) on ``data/prepared/train.npz`` (55000 images, no augmentation) and is scored
-on ``data/prepared/test.npz``. Levers: float32 vs mixed_bfloat16, steps_per_execution 1 vs 25/50, the
+on ``data/prepared/test.npz``. Levers: float32 vs mixed_bfloat16, steps_per_execution 1 vs 25/50/100, the
 tf.data pipeline of ``train()`` vs ``model.fit`` on NumPy arrays. ``source`` is the source document's
 script as written (float32, ``model.fit`` on NumPy, no validation); the other variants validate on
 ``data/prepared/val.npz`` every epoch as the stage does. ``* aug110k`` trains on what the augment stage
@@ -58,6 +58,7 @@ VARIANTS: dict[str, tuple[str, str, int, int]] = {
     "bf16": ("train", BF16, 1, 1),
     "bf16 spe25": ("train", BF16, 25, 1),
     "bf16 spe50": ("train", BF16, 50, 1),
+    "bf16 spe100": ("train", BF16, 100, 1),
     "bf16 spe50 numpy": ("numpy", BF16, 50, 1),
     "fp32 aug110k": ("augmented", "float32", 1, 2),
     "bf16 spe50 aug110k": ("augmented", BF16, 50, 2),
