@@ -48,16 +48,16 @@ import yaml
 
 from stages.lib import io
 from stages.lib.errors import UserError
+from stages.lib.lineage import LOCK_FILE
+from stages.lib.params import PARAMS_FILE
+from stages.lib.registry import CHAMPION
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "dvc.lock"
-PARAMS_FILE = "params.yaml"
 DATA_STAGE = "fetch"  # the stage that brings the data in: its outputs are named in the "nothing changed" line
 DEFAULT_SUMMARY = "retrain-summary.md"
 DEFAULT_DECISION = "promotion.json"
 DEFAULT_MODEL = "mnist-cnn"  # when params.yaml has no settings.registered_model
-CHAMPION = "champion"
 DECISIONS = ("promoted", "not_promoted", "unchanged")
 DECISION_KEYS = ("model", "decision", "version", "challenger_accuracy", "champion_version", "champion_accuracy")
 MAX_ITEMS = 4  # changes listed per stage
