@@ -79,8 +79,9 @@ def lock(root: Path) -> dict:
 
 
 def test_first_retrain_trains_and_promotes(flow: Flow) -> None:
-    # The Makefile target, with this interpreter's environment (-o setup: install nothing into it)
-    result = flow.run("make", "-o", "setup", "retrain", f"VENV={VENV}")
+    # The Makefile target, with this interpreter's environment (-o setup: install nothing into it; under
+    # `make test` this make is nested, and would otherwise print "Entering directory" lines)
+    result = flow.run("make", "--no-print-directory", "-o", "setup", "retrain", f"VENV={VENV}")
     assert "Running stage 'train_cnn'" in result.stdout
     assert f"{MODEL} version 1 promoted to champion" in result.stdout
     assert result.stdout.rstrip().endswith("summary: retrain-summary.md")
