@@ -19,12 +19,9 @@ from stages.lib import params as params_lib
 from stages.lib.errors import UserError
 from tests.conftest import REPO
 from tests.mnist_fixture import make_mnist
+from tests.test_models import _summary
 
 OFF = {"convs_per_block": 1, "batch_norm": False, "lr_decay": 1.0}
-
-
-def _layers(model: keras.Model) -> list[tuple[str, tuple[int | None, ...]]]:
-    return [(type(layer).__name__, tuple(layer.output.shape)) for layer in model.layers]
 
 
 def test_defaults_in_params_yaml_switch_every_option_off() -> None:
@@ -40,7 +37,7 @@ def test_options_off_save_the_same_model_file_as_without_them(precision: str, tm
         keras.utils.set_random_seed(3)
         built[name] = models.build_cnn(precision=precision, **kwargs)
         models.save_cnn(built[name], tmp_path / f"{name}.keras")
-    assert _layers(built["off"]) == _layers(built["plain"])
+    assert _summary(built["off"]) == _summary(built["plain"])
     assert built["off"].optimizer.get_config() == built["plain"].optimizer.get_config()
     for a, b in zip(built["off"].get_weights(), built["plain"].get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -49,7 +46,7 @@ def test_options_off_save_the_same_model_file_as_without_them(precision: str, tm
 
 def test_two_convs_per_block_with_batch_norm() -> None:
     model = models.build_cnn(filters=[32, 64], convs_per_block=2, batch_norm=True, dense_units=128)
-    assert _layers(model) == [
+    assert _summary(model) == [
         ("Conv2D", (None, 26, 26, 32)),
         ("BatchNormalization", (None, 26, 26, 32)),
         ("Conv2D", (None, 24, 24, 32)),
