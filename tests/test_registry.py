@@ -76,3 +76,52 @@ def test_the_same_model_again_is_unchanged(store: str) -> None:
     again = registry.promote(store, **trained, accuracy=0.9, margin=0.0)
     assert (again["decision"], again["version"]) == ("unchanged", "1")
     assert "champion" in again["reason"]
+
+
+PROMOTE_WHEN_TOLD = """
+import json, sys, time
+from pathlib import Path
+import mlflow
+from stages.lib import registry
+store, model_uri, run_id, accuracy, ready, go, out = sys.argv[1:]
+mlflow.set_tracking_uri(store.split("|")[0])
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.01)
+result = registry.promote(store.split("|")[1], model_uri, run_id, float(accuracy), 0.0)
+Path(out).write_text(json.dumps(result))
+"""
+
+
+def test_two_evaluates_at_once_are_judged_one_after_the_other(store: str, tmp_path) -> None:
+    """Two processes promoting into one SQLite registry at the same moment (two queued experiments' evaluate):
+    the second reads the champion the first leaves, so only one of them is the first model."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    candidates = {"worse": (_trained("w"), 0.90), "better": (_trained("b"), 0.95)}
+    procs = {}
+    for label, (trained, accuracy) in candidates.items():
+        args = [f"{uri}|{store}", trained["model_uri"], trained["run_id"], str(accuracy)]
+        args += [str(tmp_path / f"{label}.ready"), str(tmp_path / "go"), str(tmp_path / f"{label}.json")]
+        procs[label] = subprocess.Popen([sys.executable, "-c", PROMOTE_WHEN_TOLD, *args], env=os.environ.copy())
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"{label}.ready").exists() for label in procs):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values())
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    assert all(p.wait(timeout=120) == 0 for p in procs.values())
+
+    results = {label: json.loads((tmp_path / f"{label}.json").read_text()) for label in procs}
+    firsts = [label for label, r in results.items() if r["champion_version"] is None]
+    assert len(firsts) == 1, results  # the other was judged against it
+    from mlflow.tracking import MlflowClient
+
+    champion = MlflowClient().get_model_version_by_alias(store, "champion")
+    assert str(champion.version) == results["better"]["version"]

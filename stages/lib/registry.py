@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from stages.lib import tracking
+
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
@@ -50,30 +52,16 @@ def promote(name: str, model_uri: str, run_id: str, accuracy: float, margin: flo
     """Register the model at ``model_uri`` (logged by training run ``run_id``) as a version of ``name``,
     apply the gate, move the aliases, and return the decision (see the module docstring)."""
     import mlflow
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="The pipeline's CNN; alias champion = the model to serve")
-    champion = _by_alias(client, name, CHAMPION)
-    champion_accuracy = float(champion.tags["test_accuracy"]) if champion else None
     commit = client.get_run(run_id).data.tags.get("git.commit", "unknown")
-
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if existing:
-        version = existing[0]
-        role = CHAMPION if champion and str(champion.version) == str(version.version) else "not the champion"
-        decision, reason = UNCHANGED, f"this model is already version {version.version} ({role}); aliases unchanged"
-    else:
-        version = mlflow.register_model(
-            model_uri, name, tags={"test_accuracy": repr(accuracy), "git.commit": commit, "run_id": run_id}
-        )
-        promoted, reason = gate(accuracy, champion_accuracy, margin)
-        decision = PROMOTED if promoted else NOT_PROMOTED
-        client.set_registered_model_alias(name, CHAMPION if promoted else CHALLENGER, version.version)
+    # Reading the champion and moving the aliases is one step: a second evaluate on the same SQLite store
+    # (a parallel queued experiment) waits, then judges its model against the champion this one leaves.
+    # A tracking server offers no such lock; there, simultaneous evaluates can read the same champion.
+    with tracking.store_lock(mlflow.get_tracking_uri()):
+        champion, version, decision, reason = _register(client, name, model_uri, run_id, commit, accuracy, margin)
+    champion_accuracy = float(champion.tags["test_accuracy"]) if champion else None
     result = {
         "model": name,
         "decision": decision,
@@ -88,3 +76,32 @@ def promote(name: str, model_uri: str, run_id: str, accuracy: float, margin: flo
     }
     log.info("%s version %s: %s (%s)", name, version.version, decision.replace("_", " "), reason)
     return result
+
+
+def _register(
+    client: Any, name: str, model_uri: str, run_id: str, commit: str, accuracy: float, margin: float
+) -> tuple[Any, Any, str, str]:
+    """:func:`promote`'s registry work: return the champion before it, the model's version, the decision
+    and why."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="The pipeline's CNN; alias champion = the model to serve")
+    champion = _by_alias(client, name, CHAMPION)
+    champion_accuracy = float(champion.tags["test_accuracy"]) if champion else None
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = existing[0]
+        role = CHAMPION if champion and str(champion.version) == str(version.version) else "not the champion"
+        decision, reason = UNCHANGED, f"this model is already version {version.version} ({role}); aliases unchanged"
+    else:
+        version = mlflow.register_model(
+            model_uri, name, tags={"test_accuracy": repr(accuracy), "git.commit": commit, "run_id": run_id}
+        )
+        promoted, reason = gate(accuracy, champion_accuracy, margin)
+        decision = PROMOTED if promoted else NOT_PROMOTED
+        client.set_registered_model_alias(name, CHAMPION if promoted else CHALLENGER, version.version)
+    return champion, version, decision, reason

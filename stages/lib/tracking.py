@@ -207,10 +207,12 @@ class StageTracker:
 
 
 @contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    """For a SQLite store, hold an exclusive lock on ``<db>.lock`` while the store is opened: MLflow creates
-    and migrates a new database on first use, and two stages doing that at once (parallel queued
-    experiments) would both run the migrations. Other stores need no lock."""
+def store_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store, hold an exclusive lock on ``<db>.lock`` (other stores: no lock). Held while a
+    stage opens the store: MLflow creates and migrates a new database on first use, and two stages doing
+    that at once (parallel queued experiments) would both run the migrations. Held too while evaluate reads
+    the champion and moves the aliases (:func:`stages.lib.registry.promote`), so two queued experiments
+    cannot both be judged against the same champion."""
     if not uri.startswith("sqlite:///"):
         yield
         return
@@ -395,7 +397,7 @@ def stage_run(stage: str, params: StageParams, device: str, *, system_metrics: b
     workspace = Path.cwd().resolve()  # a queued experiment runs in a copy; DVC_ROOT names the repository
     mlflow.set_tracking_uri(uri)
     name = params.settings.mlflow_experiment
-    with _store_lock(uri):
+    with store_lock(uri):
         experiment_id = _experiment_id(name, uri, root)
     stage_hash = lineage.stage_hash(stage, workspace) if os.environ.get("DVC_STAGE") else None
     invocation = lineage.dvc_invocation() if stage_hash else None
