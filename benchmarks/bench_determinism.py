@@ -29,7 +29,7 @@ def worker(mode: str, epochs: int) -> None:
         tf.config.experimental.enable_op_determinism = lambda: None
     cfg = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
     hyper = {k: cfg[k] for k in ("filters", "kernel_size", "dense_units", "dropout", "l2", "optimizer")}
-    hyper |= {k: cfg[k] for k in ("learning_rate", "precision", "steps_per_execution", "batch_size")}
+    hyper |= {k: cfg[k] for k in ("learning_rate", "precision", "steps_per_execution", "micro_batches", "batch_size")}
     train = np.load(REPO / "data" / "prepared" / "train.npz")
     val = np.load(REPO / "data" / "prepared" / "val.npz")
     start = time.perf_counter()

@@ -2,12 +2,14 @@
 
 Every variant trains the default CNN (Conv32-Pool-Conv64-Pool-Conv64-Dense64-Dense10, Adam 1e-3,
 batch 64, 5 epochs, seed 42) on ``data/prepared/train.npz`` (55000 images, no augmentation) and is scored
-on ``data/prepared/test.npz``. Levers: float32 vs mixed_bfloat16, steps_per_execution 1 vs 25/50/100, the
-tf.data pipeline of ``train()`` vs ``model.fit`` on NumPy arrays. ``source`` is the source document's
-script as written (float32, ``model.fit`` on NumPy, no validation); the other variants validate on
-``data/prepared/val.npz`` every epoch as the stage does. ``* aug110k`` trains on what the augment stage
-makes of it with params.yaml's defaults (originals + one augmented copy: 110000 images), to check the
-pipeline's time and accuracy budget.
+on ``data/prepared/test.npz``. Levers: float32 vs mixed_bfloat16, steps_per_execution 1 vs 25/50/100,
+micro-batches 1 vs 2 (``micro2``: each batch in two halves trained at once, one per core), the tf.data
+pipeline of ``train()`` vs ``model.fit`` on NumPy arrays. Without ``--variants`` it runs
+``DEFAULT_VARIANTS``: the source script, each lever added in turn, and params.yaml's defaults. ``source``
+is the source document's script as written (float32, ``model.fit`` on NumPy, no validation); the other
+variants validate on ``data/prepared/val.npz`` every epoch as the stage does. ``* aug110k`` trains on what
+the augment stage makes of it with params.yaml's defaults (originals + one augmented copy: 110000 images),
+to check the pipeline's time and accuracy budget.
 
 Each variant runs in its own process (clean TensorFlow state, its own peak RSS); the variants run one
 after another in one invocation, so machine load hits them alike; with ``--repeats`` they alternate.
@@ -49,20 +51,25 @@ AUGMENTED = ROOT / "data" / "augmented" / "train.npz"
 SEED, EPOCHS, BATCH = 42, 5, 64
 BF16 = "mixed_bfloat16"
 
-# name: (how it trains, precision, steps_per_execution, training-set copies)
-VARIANTS: dict[str, tuple[str, str, int, int]] = {
-    "source": ("source", "float32", 1, 1),
-    "fp32 numpy": ("numpy", "float32", 1, 1),
-    "fp32": ("train", "float32", 1, 1),
-    "fp32 spe50": ("train", "float32", 50, 1),
-    "bf16": ("train", BF16, 1, 1),
-    "bf16 spe25": ("train", BF16, 25, 1),
-    "bf16 spe50": ("train", BF16, 50, 1),
-    "bf16 spe100": ("train", BF16, 100, 1),
-    "bf16 spe50 numpy": ("numpy", BF16, 50, 1),
-    "fp32 aug110k": ("augmented", "float32", 1, 2),
-    "bf16 spe50 aug110k": ("augmented", BF16, 50, 2),
+# name: (how it trains, precision, steps_per_execution, training-set copies, micro-batches)
+VARIANTS: dict[str, tuple[str, str, int, int, int]] = {
+    "source": ("source", "float32", 1, 1, 1),
+    "fp32 numpy": ("numpy", "float32", 1, 1, 1),
+    "fp32": ("train", "float32", 1, 1, 1),
+    "fp32 spe50": ("train", "float32", 50, 1, 1),
+    "bf16": ("train", BF16, 1, 1, 1),
+    "bf16 spe25": ("train", BF16, 25, 1, 1),
+    "bf16 spe50": ("train", BF16, 50, 1, 1),
+    "bf16 spe100": ("train", BF16, 100, 1, 1),
+    "bf16 spe50 micro2": ("train", BF16, 50, 1, 2),
+    "fp32 spe50 micro2": ("train", "float32", 50, 1, 2),
+    "bf16 spe50 numpy": ("numpy", BF16, 50, 1, 1),
+    "fp32 aug110k": ("augmented", "float32", 1, 2, 1),
+    "bf16 spe50 aug110k": ("augmented", BF16, 50, 2, 1),
+    "bf16 spe50 micro2 aug110k": ("augmented", BF16, 50, 2, 2),
 }
+# What `make bench` runs: the source script, the levers one at a time, and params.yaml's defaults
+DEFAULT_VARIANTS = ["source", "fp32 spe50", "bf16 spe50", "bf16 spe50 micro2"]
 HOW = {
     "source": "source script: fit(NumPy), no validation",
     "numpy": "build_cnn + fit(NumPy), validation",
@@ -119,7 +126,7 @@ def _cpu_s() -> float:
 
 def worker(name: str, seed: int = SEED) -> dict[str, Any]:
     """Train one variant in this process; return its fit wall time, test accuracy and peak RSS."""
-    how, precision, spe, copies = VARIANTS[name]
+    how, precision, spe, copies, micro = VARIANTS[name]
     x_train, y_train = _split("train")
     x_val, y_val = _split("val")
     x_test, y_test = _split("test")
@@ -156,6 +163,7 @@ def worker(name: str, seed: int = SEED) -> dict[str, Any]:
             seed=seed,
             precision=precision,
             steps_per_execution=spe,
+            micro_batches=micro,
             batch_size=BATCH,
             epochs=EPOCHS,
         )
@@ -266,7 +274,7 @@ def main(
 ) -> dict[str, dict[str, Any]]:
     """Run the variants (all by default) ``repeats`` times, alternating; print a table and return the results.
     With ``epoch_time_too``, then print the seconds per epoch of the pipeline's settings (:func:`epoch_time`)."""
-    names = variants or list(VARIANTS)
+    names = variants or DEFAULT_VARIANTS
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names:
@@ -292,12 +300,12 @@ def main(
         f"CNN training, {EPOCHS} epochs, batch {BATCH}, seed {seed}, train data/prepared/train.npz; "
         f"median of {repeats} run(s); speed-up vs {'source' if 'source' in summary else names[0]}"
     )
-    header = f"{'variant':<20}{'how':<43}{'precision':<16}{'spe':>4}{'train n':>9}"
+    header = f"{'variant':<26}{'how':<43}{'precision':<16}{'spe':>4}{'micro':>6}{'train n':>9}"
     print(f"{header}{'fit s':>8}{'speed-up':>9}{'CPU s':>8}{'test acc':>10}{'peak RSS':>10}")
     for name, s in summary.items():
-        how, precision, spe, _ = VARIANTS[name]
+        how, precision, spe, _, micro = VARIANTS[name]
         print(
-            f"{name:<20}{HOW[how]:<43}{precision:<16}{spe:>4}{s['train_size']:>9}{s['fit_s']:>8.1f}"
+            f"{name:<26}{HOW[how]:<43}{precision:<16}{spe:>4}{micro:>6}{s['train_size']:>9}{s['fit_s']:>8.1f}"
             f"{base / s['fit_s']:>8.2f}×{s['cpu_s']:>8.1f}{s['test_accuracy']:>10.4f}{s['peak_rss_mb']:>8.0f}MB"
         )
     if epoch_time_too:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,16 @@ def distribution_strategy(requested: str) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy([device.name for device in devices])
 
 
+def micro_batches_used(requested: int, strategy: str) -> int:
+    """How many micro-batches ``train_cnn.micro_batches`` = ``requested`` gives on this machine: ``requested``
+    on the CPU with the single strategy, else 1 (a GPU fills itself with one batch; replicas split it already).
+    Runs no TensorFlow op."""
+    import tensorflow as tf
+
+    gpus = tf.config.get_visible_devices("GPU")
+    return requested if not gpus and resolve_strategy(strategy, len(gpus)) == "single" else 1
+
+
 def strategy_name(strategy: tf.distribute.Strategy) -> str:
     """``mirrored`` for a ``MirroredStrategy``, else ``single`` (the names of ``train_cnn.strategy``)."""
     import tensorflow as tf
@@ -102,7 +113,50 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, order: tf.Variable | 
             index = tf.gather(order, index)
         return to_model_input(tf.gather(images, index)), tf.gather(labels, index)
 
-    return tf.data.Dataset.range(len(y)).batch(batch_size).map(make).prefetch(tf.data.AUTOTUNE)
+    # No autotuning: its background thread made destroying each epoch's iterator wait for seconds, with the
+    # CPU idle, at the start of every epoch (measured in BENCHMARKS.md); two batches ahead keep training fed
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return tf.data.Dataset.range(len(y)).batch(batch_size).map(make).prefetch(2).with_options(options)
+
+
+def micro_batch_step(model: keras.Model, parts: int) -> Callable[[Any], dict[str, Any]]:
+    """A Keras ``train_step`` for ``model`` that splits each batch into ``parts`` micro-batches.
+
+    Each micro-batch's loss (its mean loss plus the regularisation terms, weighted by its share of the
+    batch) is differentiated on its own, and the sum of the gradients makes one optimizer update: the
+    update of the whole batch, up to float rounding. The micro-batches share no ops until that sum, so
+    TensorFlow runs them at once, one per inter-op thread: on a CPU with single-threaded ops this keeps
+    every core busy on large kernels instead of splitting each small op across cores. Install it with
+    ``model.train_step = micro_batch_step(model, parts)`` before the first ``fit``; the model and its
+    saved file are unchanged. Not for batch normalisation, which would normalise each micro-batch apart.
+    """
+    import tensorflow as tf
+
+    loss_tracker = next(m for m in model.metrics if m.name == "loss")
+
+    def train_step(data: Any) -> dict[str, Any]:
+        x, y = data[0], data[1]
+        n = tf.shape(x)[0]
+        bounds = [n * i // parts for i in range(parts + 1)]
+        weights = model.trainable_weights
+        total_loss, gradients, predictions = None, None, []
+        for start, stop in itertools.pairwise(bounds):
+            x_part, y_part = x[start:stop], y[start:stop]
+            with tf.GradientTape() as tape:
+                y_pred = model(x_part, training=True)
+                loss = model.compute_loss(x=x_part, y=y_part, y_pred=y_pred, training=True)
+                loss = loss * tf.cast(stop - start, loss.dtype) / tf.cast(n, loss.dtype)
+                scaled = model.optimizer.scale_loss(loss)
+            part = tape.gradient(scaled, weights)
+            gradients = part if gradients is None else [g + p for g, p in zip(gradients, part, strict=True)]
+            total_loss = loss if total_loss is None else total_loss + loss
+            predictions.append(y_pred)
+        loss_tracker.update_state(total_loss, sample_weight=n)
+        model.optimizer.apply_gradients(zip(gradients, weights, strict=True))
+        return model.compute_metrics(x, y, tf.concat(predictions, axis=0))
+
+    return train_step
 
 
 def train(
@@ -116,6 +170,7 @@ def train(
     epochs: int = 5,
     early_stopping_patience: int = 0,
     strategy: str = "auto",
+    micro_batches: int = 1,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int = 2,
     backup_dir: Path | None = None,
@@ -139,6 +194,10 @@ def train(
     follow the device: on the CPU bfloat16 compute (``precision``) and ``steps_per_execution``; on a GPU
     also XLA (``jit_compile``), which measured slower than TensorFlow's own kernels for this model on the CPU.
     On several replicas ``steps_per_execution`` is 1 (Keras' multi-step training call fails there).
+    ``micro_batches`` > 1 applies on the CPU with the single strategy only: each batch is split into that
+    many parts trained at once (:func:`micro_batch_step`), TensorFlow running that many ops at once with
+    ``cores // micro_batches`` threads each (set before TensorFlow's first op; a process that already ran
+    one keeps its threads, with a warning).
 
     With ``backup_dir``, the weights, optimizer state, epoch and history are saved there after every
     epoch (Keras ``BackupAndRestore``), and a backup found there at the start is resumed from. As the
@@ -150,9 +209,22 @@ def train(
     import keras
     import tensorflow as tf
 
+    if micro_batches > batch_size:
+        raise UserError(
+            f"train_cnn.micro_batches = {micro_batches} is more than train_cnn.batch_size = {batch_size}: "
+            "each micro-batch needs at least one image; lower micro_batches"
+        )
+    if micro_batches > 1 and model_kwargs.get("batch_norm"):
+        raise UserError(
+            f"train_cnn.micro_batches = {micro_batches} with train_cnn.batch_norm = true: batch normalisation "
+            "would normalise each micro-batch on its own, which is another model; set train_cnn.micro_batches to 1"
+        )
+    on_gpu = bool(tf.config.get_visible_devices("GPU"))
+    parts = micro_batches_used(micro_batches, strategy)
+    if parts > 1:  # before TensorFlow's first op, which fixes its thread pools
+        runtime.set_cpu_threads(intra_op=max(1, runtime.cpu_cores() // parts), inter_op=parts)
     runtime.seed_everything(seed, tensorflow=True)
     distribution = distribution_strategy(strategy)
-    on_gpu = bool(tf.config.list_logical_devices("GPU"))
     if distribution.num_replicas_in_sync > 1 and model_kwargs.get("steps_per_execution", 1) > 1:
         # Keras' multi-step training function fails on several replicas ("You must feed a value for
         # placeholder tensor"), so each step is its own call there
@@ -163,10 +235,13 @@ def train(
         model_kwargs = {**model_kwargs, "steps_per_execution": 1}
     with distribution.scope():
         model = models.build_cnn(jit_compile=on_gpu, **model_kwargs)
+    if parts > 1:
+        model.train_step = micro_batch_step(model, parts)
     log.info(
-        "Training with the %s strategy on %d replica(s), XLA %s",
+        "Training with the %s strategy on %d replica(s), %d micro-batch(es) per batch, XLA %s",
         strategy_name(distribution),
         distribution.num_replicas_in_sync,
+        parts,
         "on" if on_gpu else "off",
     )
 
@@ -290,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
             "precision": cfg.precision,
             "steps_per_execution": cfg.steps_per_execution,
             "strategy": cfg.strategy,
+            "micro_batches": cfg.micro_batches,
             "batch_size": cfg.batch_size,
             "epochs": cfg.epochs,
             "early_stopping_patience": cfg.early_stopping_patience,
@@ -362,6 +438,7 @@ def main(argv: list[str] | None = None) -> None:
                 "train_size": len(y_train),
                 "strategy": strategy_name(model.distribute_strategy),
                 "replicas": model.distribute_strategy.num_replicas_in_sync,
+                "micro_batches": micro_batches_used(cfg.micro_batches, cfg.strategy),
                 "jit_compile": bool(model.jit_compile),
                 "mlflow_model_uri": model_uri,
             },

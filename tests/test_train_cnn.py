@@ -135,6 +135,96 @@ def test_auto_strategy_without_gpu_trains_on_one_device_without_xla(data: dict[s
     assert not model.jit_compile  # XLA is slower than TensorFlow's kernels for this model on the CPU
 
 
+def test_micro_batches_make_the_update_of_the_whole_batch(data: dict[str, np.ndarray]) -> None:
+    # float32 and no dropout, so the only difference is rounding; the L2 term checks the loss weighting
+    kwargs = {"epochs": 2, "l2": 1e-3, "learning_rate": 3e-3, "steps_per_execution": 4}
+    whole, h_whole = _fit(data, micro_batches=1, **kwargs)
+    for parts in (2, 3):  # 3 does not divide the batch of 32, nor the last batch of 16
+        split, h_split = _fit(data, micro_batches=parts, **kwargs)
+        assert "micro_batch_step" in split.train_step.__qualname__
+        for a, b in zip(whole.get_weights(), split.get_weights(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            np.testing.assert_allclose(h_split[key], h_whole[key], rtol=1e-4, atol=1e-6)
+    assert "micro_batch_step" not in whole.train_step.__qualname__
+
+
+def test_micro_batches_are_deterministic_with_dropout_and_bfloat16(data: dict[str, np.ndarray]) -> None:
+    kwargs = {"epochs": 1, "dropout": 0.3, "precision": "mixed_bfloat16", "micro_batches": 2, "seed": 3}
+    first, h1 = _fit(data, **kwargs)
+    second, h2 = _fit(data, **kwargs)
+    assert h1 == h2
+    for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_micro_batches_apply_on_the_cpu_with_one_replica_only() -> None:
+    assert train_cnn.micro_batches_used(2, "auto") == 2  # no GPU here
+    assert train_cnn.micro_batches_used(2, "single") == 2
+    assert train_cnn.micro_batches_used(2, "mirrored") == 1  # replicas split each batch already
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"micro_batches": 40}, r"train_cnn.micro_batches = 40 is more than train_cnn.batch_size = 32"),
+        ({"micro_batches": 2, "batch_norm": True}, r"micro_batches = 2 with train_cnn.batch_norm = true"),
+    ],
+)
+def test_impossible_micro_batches_name_the_keys(data: dict[str, np.ndarray], kwargs: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        _fit(data, **kwargs)
+
+
+MICRO_BATCHES_IN_A_NEW_PROCESS = """
+import json, logging
+import tensorflow as tf
+from stages import train_cnn
+from stages.lib import runtime
+from tests.mnist_fixture import make_mnist
+
+logging.basicConfig(level=logging.WARNING)
+d = make_mnist(n_train=100, n_test=20, seed=1)
+model, _ = train_cnn.train(
+    d["x_train"], d["y_train"], d["x_test"], d["y_test"], seed=0, verbose=0, epochs=1, micro_batches=2,
+    filters=[8], dense_units=8, batch_size=32,
+)
+threading = tf.config.threading
+threads = [threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads()]
+print(json.dumps({
+    "threads": threads,
+    "cores": runtime.cpu_cores(),
+    "step": model.train_step.__qualname__,
+    "same_again": runtime.set_cpu_threads(*threads),
+    "other_now": runtime.set_cpu_threads(threads[0] + 1, threads[1]),
+}))
+"""
+
+
+def test_micro_batches_set_the_thread_pools_before_tensorflow_starts() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", MICRO_BATCHES_IN_A_NEW_PROCESS],
+        cwd=REPO,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1", "TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["threads"] == [max(1, out["cores"] // 2), 2]  # two ops at once, the cores shared between them
+    assert "micro_batch_step" in out["step"]
+    assert out["same_again"] is True
+    assert out["other_now"] is False and "keeping its thread pools" in result.stderr
+
+
+def test_batches_run_without_tf_data_autotuning() -> None:
+    # Autotuning's thread made each epoch's iterator take seconds to destroy (BENCHMARKS.md)
+    tiny = make_mnist(n_train=10, n_test=0, seed=4)
+    dataset = train_cnn.batches(tiny["x_train"], tiny["y_train"], batch_size=4)
+    assert dataset.options().autotune.enabled is False
+
+
 MIRRORED_ON_TWO_CPUS = """
 import json, sys
 import tensorflow as tf
@@ -246,6 +336,7 @@ def test_main_writes_model_card_history_and_tracks_them(
     assert card["params"]["train_cnn.epochs"] == 2 and card["params"]["base.seed"] == 42
     assert card["epochs_run"] == 2 and card["train_size"] == 200
     assert (card["strategy"], card["replicas"], card["jit_compile"]) == ("single", 1, False)
+    assert card["micro_batches"] == 2  # params.yaml's default, on a CPU
 
     rows = list(csv.DictReader((root / "plots" / "train_cnn" / "history.csv").read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2"]

@@ -127,6 +127,7 @@ class TrainCnn(_Section):
     precision: Literal["float32", "mixed_bfloat16"]
     steps_per_execution: int = Field(ge=1)
     strategy: Literal["auto", "single", "mirrored"]
+    micro_batches: int = Field(ge=1, le=64)
     convs_per_block: int = Field(ge=1, le=3)
     batch_norm: bool
     lr_decay: float = Field(gt=0.0, le=1.0)

@@ -83,6 +83,35 @@ def resolve_device(stage: str, key: str, requested: str, uses_tensorflow: bool) 
     return "cpu"
 
 
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    return len(os.sched_getaffinity(0))
+
+
+def set_cpu_threads(intra_op: int, inter_op: int) -> bool:
+    """Give TensorFlow ``intra_op`` threads per op and ``inter_op`` ops running at once (imports TensorFlow).
+
+    TensorFlow fixes both when it runs its first op. Returns False, with a warning, when that has already
+    happened in this process with other values (the run goes on with those: they change speed, not results).
+    """
+    import tensorflow as tf
+
+    threading = tf.config.threading
+    wanted = (intra_op, inter_op)
+    if (threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads()) == wanted:
+        return True
+    try:
+        threading.set_intra_op_parallelism_threads(intra_op)
+        threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError:
+        log.warning(
+            "TensorFlow already runs in this process: keeping its thread pools (wanted %d per op, %d ops at once)",
+            *wanted,
+        )
+        return False
+    return True
+
+
 def seed_everything(seed: int, tensorflow: bool = False) -> None:
     """Seed Python and NumPy, and with ``tensorflow`` Keras/TensorFlow too, with deterministic ops."""
     random.seed(seed)
