@@ -201,9 +201,10 @@ print(json.dumps({
 """
 
 
-def test_micro_batches_set_the_thread_pools_before_tensorflow_starts() -> None:
+def _in_new_process(script: str) -> tuple[dict, str]:
+    """Run ``script`` in a fresh Python process on the CPU; return the JSON of its last stdout line and its stderr."""
     result = subprocess.run(
-        [sys.executable, "-c", MICRO_BATCHES_IN_A_NEW_PROCESS],
+        [sys.executable, "-c", script],
         cwd=REPO,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1", "TF_CPP_MIN_LOG_LEVEL": "2"},
         capture_output=True,
@@ -211,11 +212,15 @@ def test_micro_batches_set_the_thread_pools_before_tensorflow_starts() -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def test_micro_batches_set_the_thread_pools_before_tensorflow_starts() -> None:
+    out, stderr = _in_new_process(MICRO_BATCHES_IN_A_NEW_PROCESS)
     assert out["threads"] == [max(1, out["cores"] // 2), 2]  # two ops at once, the cores shared between them
     assert "micro_batch_step" in out["step"]
     assert out["same_again"] is True
-    assert out["other_now"] is False and "keeping its thread pools" in result.stderr
+    assert out["other_now"] is False and "keeping its thread pools" in stderr
 
 
 def test_batches_run_without_tf_data_autotuning() -> None:
@@ -254,20 +259,11 @@ print(json.dumps({
 
 
 def test_mirrored_strategy_trains_on_two_logical_cpus() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", MIRRORED_ON_TWO_CPUS],
-        cwd=REPO,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1", "TF_CPP_MIN_LOG_LEVEL": "2"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out, stderr = _in_new_process(MIRRORED_ON_TWO_CPUS)
     assert out["name"] == "mirrored" and out["replicas"] == 2
     assert [d.rsplit(":", 2)[-2:] for d in out["devices"]] == [["CPU", "0"], ["CPU", "1"]]
     assert out["steps_per_execution"] == 1  # Keras' multi-step call fails on several replicas
-    assert "using 1" in result.stderr
+    assert "using 1" in stderr
     losses = out["history"]["loss"]
     assert all(math.isfinite(v) for v in losses) and losses[1] < losses[0]
 
