@@ -92,7 +92,8 @@ def set_cpu_threads(intra_op: int, inter_op: int) -> bool:
     """Give TensorFlow ``intra_op`` threads per op and ``inter_op`` ops running at once (imports TensorFlow).
 
     TensorFlow fixes both when it runs its first op. Returns False, with a warning, when that has already
-    happened in this process with other values (the run goes on with those: they change speed, not results).
+    happened in this process with other values; the run goes on with those (thread counts change the speed,
+    and with oneDNN's multi-threaded sums possibly the float rounding, never what is computed).
     """
     import tensorflow as tf
 
