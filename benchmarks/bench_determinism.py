@@ -22,15 +22,15 @@ def worker(mode: str, epochs: int) -> None:
     import tensorflow as tf
     import yaml
 
+    from benchmarks.bench_train_cnn import train_settings
     from stages import train_cnn
 
     if mode == "off":
         # Measure the same code path with the determinism switch disabled
         tf.config.experimental.enable_op_determinism = lambda: None
     cfg = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
-    hyper = {k: cfg[k] for k in ("filters", "kernel_size", "dense_units", "dropout", "l2", "optimizer")}
-    hyper |= {k: cfg[k] for k in ("learning_rate", "precision", "steps_per_execution", "micro_batches", "batch_size")}
     train = np.load(REPO / "data" / "prepared" / "train.npz")
+    hyper = train_settings(cfg, len(train["y"]))
     val = np.load(REPO / "data" / "prepared" / "val.npz")
     start = time.perf_counter()
     _, history = train_cnn.train(train["x"], train["y"], val["x"], val["y"], seed=42, epochs=epochs, verbose=0, **hyper)
