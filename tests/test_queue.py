@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -28,15 +31,42 @@ def wait_for_queue(root: Path, timeout_s: float = 900) -> str:
         time.sleep(3)
 
 
+def start_workers(root: Path, jobs: int) -> None:
+    """`dvc queue start -j <jobs>`, without reading its output: the workers it leaves running in the background
+    inherit its stdout and stderr, so reading them would wait for the last worker to exit. With two workers
+    one sometimes never does: its monitor shuts it down ("empty queue") while its task still runs, and the
+    worker idles on after the task (seen with DVC 3.67)."""
+    started = subprocess.run(
+        ["dvc", "queue", "start", "-j", str(jobs)],
+        cwd=root,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+    )
+    assert started.returncode == 0
+
+
+def stop_workers(root: Path) -> None:
+    """`dvc queue stop`, then end any worker that is still alive (see :func:`start_workers`)."""
+    subprocess.run(["dvc", "queue", "stop"], cwd=root, env=_env(), capture_output=True, timeout=120)
+    for pid_file in (root / ".dvc" / "tmp" / "exps" / "celery").glob("*.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(pid_file.read_text().strip())
+            if b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():  # not a process that reused the pid
+                os.kill(pid, signal.SIGTERM)
+
+
 def test_two_queued_experiments_land_in_the_repository_store(tmp_path: Path) -> None:
     root = tiny_repo(tmp_path / "repo")
     for name, change in EXPERIMENTS.items():
         run(root, "dvc", "exp", "run", "--queue", "-n", name, "-S", change)
-    run(root, "dvc", "queue", "start", "-j", "2")
+    start_workers(root, jobs=2)
     try:
         status = wait_for_queue(root)
     finally:
-        subprocess.run(["dvc", "queue", "stop"], cwd=root, env=_env(), capture_output=True)
+        stop_workers(root)
     logs = "".join(
         subprocess.run(["dvc", "queue", "logs", name], cwd=root, env=_env(), capture_output=True, text=True).stdout
         for name in EXPERIMENTS
