@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands (stages/run) and tests find the project's interpreter first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro retrain test lint bench server clean
+.PHONY: setup repro retrain test check lint bench server clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,7 @@ repro: setup
 
 # dvc repro only if params, code or data changed since dvc.lock; summary of the promotion decision (README)
 retrain: setup
-	$(BIN)/python -m stages.retrain
+	$(BIN)/python -m stages.commands.retrain
 
 lint: setup
 	$(BIN)/ruff check .
@@ -30,6 +30,10 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest
+
+# lint and the fast tests (no real dvc repro, servers or fresh training processes); CI runs `make test`
+check: lint
+	$(BIN)/pytest -m "not slow"
 
 # the benchmarks read the pipeline's outputs (data/prepared, models): repro first, a no-op when up to date
 bench: repro

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from stages.lib import baselines, io, preprocess  # noqa: E402
+from stages.lib import baselines, files, preprocess  # noqa: E402
 
 PREPARED = ROOT / "data" / "prepared"
 ALPHA_LASSO, ALPHA_RIDGE = 0.001, 1.0
@@ -36,8 +36,8 @@ say = functools.partial(print, flush=True)  # each line as soon as it is known: 
 def load_data() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], str]:
     """Train and test (images, labels) and a description of where they came from."""
     if (PREPARED / "train.npz").is_file() and (PREPARED / "test.npz").is_file():
-        train = io.load_split(PREPARED / "train.npz", stage="prepare")
-        test = io.load_split(PREPARED / "test.npz", stage="prepare")
+        train = files.load_split(PREPARED / "train.npz", stage="prepare")
+        test = files.load_split(PREPARED / "test.npz", stage="prepare")
         return train, test, "data/prepared/{train,test}.npz"
     from tests.mnist_fixture import make_mnist
 

@@ -20,20 +20,18 @@ REPO = Path(__file__).resolve().parents[1]
 def worker(mode: str, epochs: int) -> None:
     import numpy as np
     import tensorflow as tf
-    import yaml
 
-    from benchmarks.bench_train_cnn import train_settings
-    from stages import train_cnn
+    from benchmarks.bench_train_cnn import pipeline_settings
+    from stages.lib import training
 
     if mode == "off":
         # Measure the same code path with the determinism switch disabled
         tf.config.experimental.enable_op_determinism = lambda: None
-    cfg = yaml.safe_load((REPO / "params.yaml").read_text())["train_cnn"]
+    config, seed = pipeline_settings(epochs)
     train = np.load(REPO / "data" / "prepared" / "train.npz")
-    hyper = train_settings(cfg, len(train["y"]))
     val = np.load(REPO / "data" / "prepared" / "val.npz")
     start = time.perf_counter()
-    _, history = train_cnn.train(train["x"], train["y"], val["x"], val["y"], seed=42, epochs=epochs, verbose=0, **hyper)
+    _, history = training.train(train["x"], train["y"], val["x"], val["y"], config, seed=seed, verbose=0)
     print(json.dumps({"fit_s": time.perf_counter() - start, "val_accuracy": history["val_accuracy"][-1]}))
 
 

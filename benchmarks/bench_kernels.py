@@ -41,16 +41,15 @@ def worker(precision: str, steps: int) -> None:
     """Train ``steps`` warm-up steps, then ``steps`` timed steps, marking the timed span on stdout."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from stages import train_cnn
-    from stages.lib import io, models, runtime
+    from stages.lib import files, models, runtime, training
 
-    x, y = io.load_split(TRAIN, stage="prepare")
+    x, y = files.load_split(TRAIN, stage="prepare")
     n = 2 * steps * BATCH
     if len(y) < n:
         raise SystemExit(f"{TRAIN} holds {len(y)} images; --steps {steps} needs {n}")
     runtime.seed_everything(42, tensorflow=True)
     model = models.build_cnn(precision=precision, steps_per_execution=SPE)
-    data = train_cnn.batches(x[:n], y[:n], BATCH)
+    data = training.batches(x[:n], y[:n], BATCH)
     model.fit(data.take(steps), epochs=1, verbose=0)  # tracing, kernel selection, thread start-up
     timed = data.skip(steps)
     libc = ctypes.CDLL(None)

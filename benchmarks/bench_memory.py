@@ -18,13 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 HERE = Path(__file__).resolve()
 if str(HERE.parents[1]) not in sys.path:
     sys.path.insert(0, str(HERE.parents[1]))
 
 from benchmarks import clone as clones  # noqa: E402
+from stages.lib import files, pipeline  # noqa: E402
 
 TARGETS_MB = {"train_cnn": 1.5 * 1024}  # the performance targets: train_cnn at most 1.5 GB
 # Runs the command given as arguments; prints its wall time, exit code and the children's peak RSS as JSON
@@ -36,14 +35,6 @@ print(json.dumps({"wall_s": time.perf_counter() - start, "rc": proc.returncode,
                   "peak_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
                   "log": (proc.stdout + proc.stderr)[-2000:]}))
 """
-
-
-def stage_names(repo: Path) -> list[str]:
-    """The stages of dvc.yaml in file order, a foreach expanded to ``name@item`` as DVC names them."""
-    names: list[str] = []
-    for name, spec in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].items():
-        names += [f"{name}@{item}" for item in spec["foreach"]] if "foreach" in spec else [name]
-    return names
 
 
 def measure(repo: Path, stage: str) -> dict[str, Any]:
@@ -63,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     repo = clones.make_clone("bench-memory-")
     try:
         clones.run([str(clones.BIN / "dvc"), "commit", "-f", "-q"], repo)
-        names = stage_names(repo)
+        names = pipeline.stage_names(files.read_yaml(repo / pipeline.PIPELINE_FILE, "pipeline file"))
         if args.stages:
             wanted = [s.strip() for s in args.stages.split(",")]
             unknown = sorted(set(wanted) - set(names))

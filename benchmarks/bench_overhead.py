@@ -6,9 +6,9 @@ no-op ``dvc repro`` of a one-stage pipeline (``echo``) in another fresh reposito
 own start-up sets. Medians are printed, and their ratio.
 
 (b) Start-up of each stage: the time from starting its Python process to the first line of its body,
-i.e. interpreter start, importing ``stages.<module>``, then what ``runtime.run_stage`` does before the
-body (params validation, device set-up, opening the MLflow run). Each worker runs the real
-``run_stage`` with a body that only records the time and which heavy libraries are loaded by then.
+i.e. interpreter start, importing ``stages.<module>``, then what entering ``runtime.stage`` does before
+the stage's ``run`` (params validation, device set-up, opening the MLflow run). Each worker enters the
+real ``runtime.stage`` and only records the time and which heavy libraries are loaded by then.
 Medians of ``--repeats`` runs per stage, after one warm-up run that creates the clone's MLflow store.
 Also timed: ``import mlflow`` and ``import tensorflow`` alone, each in a fresh process.
 
@@ -33,38 +33,28 @@ if str(HERE.parents[1]) not in sys.path:
     sys.path.insert(0, str(HERE.parents[1]))
 
 from benchmarks import clone as clones  # noqa: E402
+from stages.lib import pipeline  # noqa: E402
 
-# DVC stage: (module, params section holding its device, whether it uses TensorFlow); as in each module's main()
-STAGES: dict[str, tuple[str, str, bool]] = {
-    "fetch": ("fetch", "fetch", False),
-    "prepare": ("prepare", "prepare", False),
-    "augment": ("augment", "augment", True),
-    "train_cnn": ("train_cnn", "train_cnn", True),
-    "train_baseline@ridge": ("train_baseline", "baselines.ridge", False),
-    "evaluate": ("evaluate", "evaluate", True),
-}
-NEEDS_TF = {stage for stage, (_, _, uses_tf) in STAGES.items() if uses_tf}
+# One stage of each module (the baselines share theirs); which use TensorFlow: the stage table
+STAGES = ("fetch", "prepare", "augment", "train_cnn", "train_baseline@ridge", "evaluate")
+NEEDS_TF = {stage for stage in STAGES if pipeline.settings(stage).uses_tensorflow}
 # Libraries worth knowing about at the start of a body: each costs a second or more to import here
 HEAVY = ("tensorflow", "keras", "mlflow", "sklearn", "scipy", "pandas", "pyarrow", "sqlalchemy", "alembic", "fastapi")
 FLOOR_PIPELINE = "stages:\n  one:\n    cmd: echo one > out.txt\n    outs:\n      - out.txt\n"
 
 
 def worker(stage: str) -> None:
-    """Run ``stage``'s real ``run_stage`` with an empty body; print checkpoint times (epoch seconds) as JSON."""
+    """Enter ``stage``'s real ``runtime.stage`` and leave it at once; print checkpoint times (epoch seconds)
+    as JSON."""
     marks = {"interpreter": time.time()}
     sys.path.insert(0, str(Path.cwd()))  # the clone's stages package
-    module, section, uses_tf = STAGES[stage]
-    importlib.import_module(f"stages.{module}")
+    importlib.import_module(f"stages.{stage.partition('@')[0]}")
     marks["imported"] = time.time()
     from stages.lib import runtime
 
-    loaded: list[str] = []
-
-    def body(ctx: object) -> None:
+    with runtime.stage(stage):
         marks["body"] = time.time()
-        loaded.extend(name for name in HEAVY if name in sys.modules)
-
-    runtime.run_stage(stage, section, body, uses_tensorflow=uses_tf)
+        loaded = [name for name in HEAVY if name in sys.modules]
     print(json.dumps({"marks": marks, "loaded": loaded}))
 
 

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from stages.lib import io  # noqa: E402
+from stages.lib import files  # noqa: E402
 
 PREPARED = ROOT / "data" / "prepared"
 AUGMENTED = ROOT / "data" / "augmented" / "train.npz"
@@ -72,7 +72,7 @@ DEFAULT_VARIANTS = ["source", "fp32 spe50", "bf16 spe50", "bf16 spe50 micro2"]
 HOW = {
     "source": "source script: fit(NumPy), no validation",
     "numpy": "build_cnn + fit(NumPy), validation",
-    "train": "train_cnn.train(): tf.data, validation",
+    "train": "training.train(): tf.data, validation",
     "augmented": "train(), on augmented 110000 images",
 }
 
@@ -81,14 +81,16 @@ def _split(name: str) -> tuple[np.ndarray, np.ndarray]:
     path = PREPARED / f"{name}.npz"
     if not path.is_file():
         raise SystemExit(f"{path} not found: run `dvc repro prepare` first")
-    return io.load_split(path, stage="prepare")
+    return files.load_split(path, stage="prepare")
 
 
 def _augmented(x: np.ndarray, y: np.ndarray, copies: int) -> tuple[np.ndarray, np.ndarray]:
     """The training set as the augment stage writes it with params.yaml's ranges: originals + ``copies`` copies."""
     from stages import augment
+    from stages.lib import params
 
-    extra = augment.augment(x, copies, 10.0, 0.1, 0.1, 0.1, False, 8192, seed=SEED)
+    a = params.read_all(ROOT).augment
+    extra = augment.augment(x, copies, augment.Ranges.from_params(a), a.batch_size, seed=SEED)
     return augment.with_originals(x, y, extra)
 
 
@@ -144,9 +146,8 @@ def worker(name: str, seed: int = SEED) -> dict[str, Any]:
 
     import keras  # noqa: F401  (imported before the clock starts, like the stage's own import)
 
-    from stages.lib import models, runtime
+    from stages.lib import models, runtime, training
     from stages.lib.preprocess import one_hot, to_model_input
-    from stages.train_cnn import train
 
     start, cpu_start = time.perf_counter(), _cpu_s()
     if how == "source":
@@ -164,18 +165,10 @@ def worker(name: str, seed: int = SEED) -> dict[str, Any]:
             verbose=2,
         )
     else:
-        model, _ = train(
-            x_train,
-            y_train,
-            x_val,
-            y_val,
-            seed=seed,
-            precision=precision,
-            steps_per_execution=spe,
-            micro_batches=micro,
-            batch_size=BATCH,
-            epochs=EPOCHS,
+        config = training.TrainConfig(
+            precision=precision, steps_per_execution=spe, micro_batches=micro, batch_size=BATCH, epochs=EPOCHS
         )
+        model, _ = training.train(x_train, y_train, x_val, y_val, config, seed=seed)
     fit_s, cpu_s = time.perf_counter() - start, _cpu_s() - cpu_start
     _, test_accuracy = model.evaluate(to_model_input(x_test), one_hot(y_test), batch_size=1024, verbose=0)
     return {
@@ -187,51 +180,37 @@ def worker(name: str, seed: int = SEED) -> dict[str, Any]:
     }
 
 
-def train_settings(cfg: dict[str, Any], n_train: int) -> dict[str, Any]:
-    """params.yaml's ``train_cnn`` section as the keyword arguments of ``train()`` and ``build_cnn()``, as the
-    stage passes them (whatever params.yaml adds later), without ``epochs`` and ``device``."""
-    import inspect
+def pipeline_settings(epochs: int) -> tuple[Any, int]:
+    """params.yaml's train_cnn settings (as the stage maps them) for ``epochs`` epochs, and its base seed."""
+    import dataclasses
 
-    from stages.lib import models
-    from stages.train_cnn import train
+    from stages.lib import params, training
 
-    accepted = set(inspect.signature(train).parameters) | set(inspect.signature(models.build_cnn).parameters)
-    settings = {k: v for k, v in cfg.items() if k in accepted and k not in ("epochs", "device")}
-    if "steps_per_epoch" in accepted:
-        settings["steps_per_epoch"] = -(-n_train // cfg["batch_size"])
-    return settings
+    p = params.read_all(ROOT)
+    return dataclasses.replace(training.TrainConfig.from_params(p.train_cnn), epochs=epochs), p.base.seed
 
 
 def epoch_worker(epochs: int) -> dict[str, Any]:
     """Time each epoch of ``train()`` with params.yaml's train_cnn settings on the pipeline's training set."""
 
-    import yaml
-
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    cfg, aug, seed = params["train_cnn"], params["augment"], params["base"]["seed"]
+    config, seed = pipeline_settings(epochs)
     x_val, y_val = _split("val")
     if AUGMENTED.is_file():
-        x_train, y_train = io.load_split(AUGMENTED, stage="augment")
+        x_train, y_train = files.load_split(AUGMENTED, stage="augment")
         source = str(AUGMENTED.relative_to(ROOT))
     else:
-        from stages import augment
+        from stages.lib import params
 
-        x, y = _split("train")
-        extra = augment.augment(
-            x, aug["copies"], aug["rotation_deg"], aug["width_shift"], aug["height_shift"], aug["zoom"],
-            aug["horizontal_flip"], aug["batch_size"], seed=seed,
-        )  # fmt: skip
-        x_train, y_train = augment.with_originals(x, y, extra)
+        x_train, y_train = _augmented(*_split("train"), params.read_all(ROOT).augment.copies)
         source = "data/prepared/train.npz augmented as params.yaml says"
 
     import keras
     import tensorflow as tf
 
-    from stages.train_cnn import train
+    from stages.lib import training
 
     gpus = tf.config.list_physical_devices("GPU")
     device = tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name) if gpus else "CPU"
-    hparams = train_settings(cfg, len(y_train))
 
     times: list[float] = []
 
@@ -242,15 +221,13 @@ def epoch_worker(epochs: int) -> dict[str, Any]:
         def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
             times.append(time.perf_counter() - self.start)
 
-    _, history = train(
-        x_train, y_train, x_val, y_val, seed=seed, epochs=epochs, callbacks=[EpochTimer()], verbose=0, **hparams
-    )
+    _, history = training.train(x_train, y_train, x_val, y_val, config, seed=seed, callbacks=[EpochTimer()], verbose=0)
     return {
         "device": device,
         "source": source,
         "train_size": len(y_train),
         "epoch_s": times,
-        "hparams": hparams,
+        "hparams": config.as_dict(),
         "val_accuracy": history["val_accuracy"][-1],
     }
 
@@ -259,7 +236,7 @@ def epoch_time(epochs: int = 3) -> dict[str, Any]:
     """Print and return seconds per epoch of the pipeline's train() on the device present (its own process)."""
     r = _run_worker("epoch-time", SEED, ["--epochs", str(epochs)])
     steady = statistics.median(r["epoch_s"][1:]) if len(r["epoch_s"]) > 1 else r["epoch_s"][0]
-    shown = {k: v for k, v in r["hparams"].items() if k not in ("steps_per_epoch",)}
+    shown = r["hparams"]
     print(f"train_cnn train(), params.yaml settings: {shown}")
     print(f"data: {r['train_size']} training images ({r['source']}), 5000 validation images per epoch")
     print(

@@ -17,11 +17,13 @@ import argparse
 import functools
 import logging
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from stages.lib import io, runtime
+from stages.lib import files, runtime
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +33,28 @@ PREVIEW_ROWS = 8  # originals shown in the preview
 PREVIEW_COPIES = 5  # augmented copies shown beside each
 
 
-def affine_matrices(
-    n: int,
-    rotation_deg: float,
-    width_shift: float,
-    height_shift: float,
-    zoom: float,
-    horizontal_flip: bool,
-    rng: np.random.Generator,
-    size: int = SIZE,
-) -> np.ndarray:
+@dataclass(frozen=True)
+class Ranges:
+    """The random transforms' ranges: the ``augment`` params of the same names (all 0: the identity)."""
+
+    rotation_deg: float = 0.0
+    width_shift: float = 0.0
+    height_shift: float = 0.0
+    zoom: float = 0.0
+    horizontal_flip: bool = False
+
+    @classmethod
+    def from_params(cls, section: Any) -> Ranges:
+        """The ranges of the ``augment`` params section (every field read by its own name)."""
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
+
+
+def affine_matrices(n: int, ranges: Ranges, rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
     """Draw ``n`` random affine transforms; return float32 rows ``(n, 8)`` for ``ImageProjectiveTransformV3``.
 
     Each row ``[a0, a1, a2, b0, b1, b2, 0, 0]`` maps an OUTPUT pixel ``(x, y)`` (column, row) to the INPUT
     point ``(a0 x + a1 y + a2, b0 x + b1 y + b2)`` it samples. Per image, about the centre of a
-    ``size``×``size`` image:
+    ``size``×``size`` image, with the ``ranges``:
 
     - rotation: uniform in ``[-rotation_deg, rotation_deg]`` degrees, positive = counter-clockwise on screen;
     - shift: uniform in ``[-width_shift, width_shift]·size`` pixels (positive = right) and likewise
@@ -58,11 +67,12 @@ def affine_matrices(
     time, so the same generator state gives the same transforms however they are later batched. With all
     ranges 0 every row is exactly the identity.
     """
-    theta = np.deg2rad(rng.uniform(-rotation_deg, rotation_deg, n))
-    tx = rng.uniform(-width_shift, width_shift, n) * size
-    ty = rng.uniform(-height_shift, height_shift, n) * size
-    z = rng.uniform(1.0 - zoom, 1.0 + zoom, n)
-    flip = np.where(rng.random(n) < 0.5, -1.0, 1.0) if horizontal_flip else np.ones(n)
+    r = ranges
+    theta = np.deg2rad(rng.uniform(-r.rotation_deg, r.rotation_deg, n))
+    tx = rng.uniform(-r.width_shift, r.width_shift, n) * size
+    ty = rng.uniform(-r.height_shift, r.height_shift, n) * size
+    z = rng.uniform(1.0 - r.zoom, 1.0 + r.zoom, n)
+    flip = np.where(rng.random(n) < 0.5, -1.0, 1.0) if r.horizontal_flip else np.ones(n)
     cos, sin = np.cos(theta), np.sin(theta)
     # Forward (input → output): p_out = c + t + R(θ)·F·(p_in − c)/z. Inverted (output → input):
     # p_in = c + A·(p_out − c − t) with A = z·F·R(−θ); in y-down pixel coordinates R(−θ) = [[cos, −sin], [sin, cos]].
@@ -130,17 +140,7 @@ def warm_up() -> None:
     transform_images(np.zeros((1, SIZE, SIZE), np.uint8), np.array([[1, 0, 0, 0, 1, 0, 0, 0]], np.float32), 1)
 
 
-def augment(
-    x: np.ndarray,
-    copies: int,
-    rotation_deg: float,
-    width_shift: float,
-    height_shift: float,
-    zoom: float,
-    horizontal_flip: bool,
-    batch_size: int,
-    seed: int,
-) -> np.ndarray:
+def augment(x: np.ndarray, copies: int, ranges: Ranges, batch_size: int, seed: int) -> np.ndarray:
     """Return ``copies`` randomly transformed copies of the uint8 images ``x`` ``(n, 28, 28)``, augmented only.
 
     The result is uint8 ``(copies·n, 28, 28)``, copy ``k`` of image ``i`` at row ``k·n + i``. Transforms are
@@ -151,7 +151,7 @@ def augment(
     if copies < 0:
         raise ValueError(f"copies must be >= 0, got {copies}")
     rng = np.random.default_rng(seed)
-    transforms = affine_matrices(copies * len(x), rotation_deg, width_shift, height_shift, zoom, horizontal_flip, rng)
+    transforms = affine_matrices(copies * len(x), ranges, rng)
     return transform_images(x, transforms, batch_size)
 
 
@@ -192,7 +192,38 @@ def preview_png(x: np.ndarray, augmented: np.ndarray, rows: int = PREVIEW_ROWS, 
     )
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return io.png_bytes(fig)
+    return files.png_bytes(fig)
+
+
+def run(args: argparse.Namespace, ctx: runtime.StageContext) -> None:
+    """Augment ``args.train`` as the ``augment`` params say; write ``args.out`` and the ``args.preview`` PNG."""
+    p = ctx.params
+    copies, ranges = p.augment.copies, Ranges.from_params(p.augment)
+    x, y = files.load_split(args.train, stage="prepare")
+    ctx.tracker.log_input(args.train, context="train")
+    if copies:
+        warm_up()
+    start = time.perf_counter()
+    augmented = augment(x, copies, ranges, p.augment.batch_size, p.base.seed)
+    elapsed = time.perf_counter() - start
+    metrics = {"n_out": len(y) * (copies + 1)}
+    if copies:
+        metrics["images_per_s"] = len(augmented) / elapsed
+        log.info(
+            "Augmented %d images, %d copies each, on %s: %.0f images/s",
+            len(y),
+            copies,
+            ctx.device,
+            metrics["images_per_s"],
+        )
+    else:
+        log.info("augment.copies = 0: passing the %d originals through", len(y))
+    x_out, y_out = with_originals(x, y, augmented)
+    files.save_arrays(args.out, {"x": x_out, "y": y_out})
+    files.write_bytes(args.preview, preview_png(x, augmented))
+    log.info("Wrote %d images to %s and a preview to %s", metrics["n_out"], args.out, args.preview)
+    ctx.tracker.log_metrics(metrics)
+    ctx.tracker.log_artifact(args.preview)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,48 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="augmented train.npz to write")
     parser.add_argument("--preview", type=Path, required=True, help="preview PNG to write")
     args = parser.parse_args(argv)
-
-    def body(ctx: runtime.StageContext) -> None:
-        p = ctx.params
-        a = p.augment
-        x, y = io.load_split(args.train, stage="prepare")
-        ctx.tracker.log_input(args.train, context="train")
-        copies = a.copies
-        # Read every declared key up front, pass-through included: they are all inputs of this stage
-        settings = {
-            "rotation_deg": a.rotation_deg,
-            "width_shift": a.width_shift,
-            "height_shift": a.height_shift,
-            "zoom": a.zoom,
-            "horizontal_flip": a.horizontal_flip,
-            "batch_size": a.batch_size,
-            "seed": p.base.seed,
-        }
-        if copies:
-            warm_up()
-        start = time.perf_counter()
-        augmented = augment(x, copies, **settings)
-        elapsed = time.perf_counter() - start
-        metrics = {"n_out": len(y) * (copies + 1)}
-        if copies:
-            metrics["images_per_s"] = len(augmented) / elapsed
-            log.info(
-                "Augmented %d images, %d copies each, on %s: %.0f images/s",
-                len(y),
-                copies,
-                ctx.device,
-                metrics["images_per_s"],
-            )
-        else:
-            log.info("augment.copies = 0: passing the %d originals through", len(y))
-        x_out, y_out = with_originals(x, y, augmented)
-        io.save_arrays(args.out, {"x": x_out, "y": y_out})
-        io.write_bytes(args.preview, preview_png(x, augmented))
-        log.info("Wrote %d images to %s and a preview to %s", metrics["n_out"], args.out, args.preview)
-        ctx.tracker.log_metrics(metrics)
-        ctx.tracker.log_artifact(args.preview)
-
-    runtime.run_stage(STAGE, "augment", body, uses_tensorflow=True)
+    with runtime.stage(STAGE) as ctx:
+        run(args, ctx)
 
 
 if __name__ == "__main__":

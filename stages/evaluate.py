@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from stages.lib import baselines, cards, io, preprocess, registry, runtime
+from stages.lib import baselines, cards, files, preprocess, registry, runtime
 from stages.lib.errors import UserError
 
 if TYPE_CHECKING:
@@ -192,9 +192,74 @@ def load_predictor(path: Path, card: dict[str, Any], stage: str) -> Callable[[np
     raise UserError(f"{path}: its card names format {card['format']!r}, expected keras or skops")
 
 
-def promote(ctx: runtime.StageContext, card: dict[str, Any], accuracy: float, decision_path: Path) -> None:
-    """Register the CNN and apply the promotion gate; write and log the decision."""
-    if "mlflow_model_uri" not in card:
+def read_cards(models: list[tuple[str, Path]]) -> dict[str, dict[str, Any]]:
+    """Each model's card, its file's sha256 checked against it, before anything is loaded or written."""
+    model_cards = {name: cards.read_card(path, stage=training_stage(name)) for name, path in models}
+    for name, card in model_cards.items():
+        if card["input"] not in PREPROCESS:
+            raise UserError(f"{name}: its card names input {card['input']!r}, expected one of image, flat")
+    return model_cards
+
+
+def score_model(
+    path: Path, card: dict[str, Any], name: str, x_test: np.ndarray, y_test: np.ndarray, batch_size: int
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Load model ``name`` from ``path`` and score it on the test split: its metrics and predicted classes."""
+    predict = load_predictor(path, card, training_stage(name))
+    outputs = predict_batched(predict, PREPROCESS[card["input"]], x_test, batch_size)
+    if outputs.shape != (len(y_test), preprocess.NUM_CLASSES):
+        raise UserError(f"{path}: outputs shape {outputs.shape}, expected ({len(y_test)}, 10)")
+    probabilistic = card["format"] == "keras" and is_probabilities(outputs)
+    if card["format"] == "keras" and not probabilistic:
+        log.warning("%s: outputs are not softmax probabilities; log loss omitted", name)
+    metrics = score(y_test, outputs, probabilistic)
+    log.info(
+        "%s: test accuracy %.4f, macro F1 %.4f, log loss %s",
+        name,
+        metrics["test_accuracy"],
+        metrics["test_macro_f1"],
+        _fmt(metrics.get("test_log_loss")),
+    )
+    return metrics, outputs.argmax(axis=1)
+
+
+def write_plots(
+    plots_dir: Path, x_test: np.ndarray, y_test: np.ndarray, predictions: dict[str, np.ndarray], grid: int
+) -> list[Path]:
+    """The confusion CSV of every model and the misclassified-digits image (of the CNN when there is one)."""
+    written = []
+    for name, y_pred in predictions.items():
+        written.append(plots_dir / f"confusion_{name}.csv")
+        files.write_text(written[-1], confusion_csv(y_test, y_pred))
+    shown = CNN if CNN in predictions else next(iter(predictions))
+    written.append(plots_dir / "misclassified.png")
+    files.write_bytes(
+        written[-1], files.png_bytes(misclassified_figure(x_test, y_test, predictions[shown], grid, shown))
+    )
+    return written
+
+
+def track(
+    ctx: runtime.StageContext, results: dict[str, dict[str, Any]], model_cards: dict[str, dict[str, Any]]
+) -> None:
+    """The test metrics on this run (``<model>.<metric>``) and on each model's training run (``<metric>``), so
+    MLflow's compare view lines the models up."""
+    ctx.tracker.log_metrics(
+        {f"{name}.{key}": m[key] for name, m in results.items() for key in METRIC_NAMES if key in m}
+    )
+    for name, metrics in results.items():
+        ctx.tracker.log_metrics_to_run(
+            model_cards[name]["mlflow_run_id"], {k: metrics[k] for k in METRIC_NAMES if k in metrics}
+        )
+
+
+def promote(
+    ctx: runtime.StageContext, card: dict[str, Any], accuracy: float, margin: float, decision_path: Path
+) -> None:
+    """Register the CNN and apply the promotion rule; write and log the decision (without MLflow, nothing)."""
+    if not ctx.tracker.enabled:
+        return
+    if not card.get("mlflow_model_uri"):
         raise UserError(
             "models/cnn.json names no MLflow model (mlflow_model_uri), so it cannot be registered; "
             "re-train it: dvc repro --force train_cnn"
@@ -204,12 +269,38 @@ def promote(ctx: runtime.StageContext, card: dict[str, Any], accuracy: float, de
         card["mlflow_model_uri"],
         card["mlflow_run_id"],
         accuracy,
-        ctx.params.evaluate.promotion_margin,
+        margin,
     )
-    io.write_json(decision_path, decision)
+    files.write_json(decision_path, decision)
     ctx.tracker.set_tags({f"promotion.{k}": str(v) for k, v in decision.items() if k != "run_id"})
     ctx.tracker.log_metrics({"promotion.promoted": float(decision["decision"] == registry.PROMOTED)})
     ctx.tracker.log_artifact(decision_path)
+
+
+def run(args: argparse.Namespace, ctx: runtime.StageContext) -> None:
+    """Score every ``args.model`` on ``args.test``; write metrics, report and plots; register the CNN."""
+    p = ctx.params.evaluate
+    model_cards = read_cards(args.model)
+    x_test, y_test = files.load_split(args.test, stage="prepare")
+    y_test = y_test.astype(np.int64)
+    ctx.tracker.log_input(args.test, context="test")
+
+    results: dict[str, dict[str, Any]] = {}
+    predictions: dict[str, np.ndarray] = {}
+    for name, path in args.model:
+        results[name], predictions[name] = score_model(path, model_cards[name], name, x_test, y_test, p.batch_size)
+
+    files.write_json(args.metrics, results)
+    files.write_text(args.report, report_markdown(results, model_cards, len(y_test)))
+    plots = write_plots(args.plots_dir, x_test, y_test, predictions, p.misclassified_grid)
+
+    track(ctx, results, model_cards)
+    for path in (args.metrics, args.report):
+        ctx.tracker.log_artifact(path)
+    for path in plots:
+        ctx.tracker.log_artifact(path, artifact_path="plots")
+    if CNN in results:
+        promote(ctx, model_cards[CNN], results[CNN]["test_accuracy"], p.promotion_margin, args.decision)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,70 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     names = [name for name, _ in args.model]
     if len(set(names)) != len(names):
         parser.error(f"--model names must be unique, got {', '.join(names)}")
-
-    def body(ctx: runtime.StageContext) -> None:
-        p = ctx.params.evaluate
-        batch_size, grid = p.batch_size, p.misclassified_grid
-
-        # Check every model's hash against its card before loading anything or writing any output
-        model_cards = {name: cards.read_card(path, stage=training_stage(name)) for name, path in args.model}
-        for name, card in model_cards.items():
-            if card["input"] not in PREPROCESS:
-                raise UserError(f"{name}: its card names input {card['input']!r}, expected one of image, flat")
-        x_test, y_test = io.load_split(args.test, stage="prepare")
-        y_test = y_test.astype(np.int64)
-        ctx.tracker.log_input(args.test, context="test")
-
-        results: dict[str, dict[str, Any]] = {}
-        predictions: dict[str, np.ndarray] = {}
-        for name, path in args.model:
-            card = model_cards[name]
-            predict = load_predictor(path, card, training_stage(name))
-            outputs = predict_batched(predict, PREPROCESS[card["input"]], x_test, batch_size)
-            if outputs.shape != (len(y_test), preprocess.NUM_CLASSES):
-                raise UserError(f"{path}: outputs shape {outputs.shape}, expected ({len(y_test)}, 10)")
-            probabilistic = card["format"] == "keras" and is_probabilities(outputs)
-            if card["format"] == "keras" and not probabilistic:
-                log.warning("%s: outputs are not softmax probabilities; log loss omitted", name)
-            results[name] = score(y_test, outputs, probabilistic)
-            predictions[name] = outputs.argmax(axis=1)
-            log.info(
-                "%s: test accuracy %.4f, macro F1 %.4f, log loss %s",
-                name,
-                results[name]["test_accuracy"],
-                results[name]["test_macro_f1"],
-                _fmt(results[name].get("test_log_loss")),
-            )
-
-        # Outputs
-        io.write_json(args.metrics, results)
-        io.write_text(args.report, report_markdown(results, model_cards, len(y_test)))
-        plots = []
-        for name, y_pred in predictions.items():
-            plots.append(args.plots_dir / f"confusion_{name}.csv")
-            io.write_text(plots[-1], confusion_csv(y_test, y_pred))
-        shown = CNN if CNN in predictions else next(iter(predictions))
-        fig = misclassified_figure(x_test, y_test, predictions[shown], grid, shown)
-        plots.append(args.plots_dir / "misclassified.png")
-        io.write_bytes(plots[-1], io.png_bytes(fig))
-
-        # Tracking: this run, then each model's training run
-        ctx.tracker.log_metrics(
-            {f"{name}.{key}": m[key] for name, m in results.items() for key in METRIC_NAMES if key in m}
-        )
-        for path in (args.metrics, args.report):
-            ctx.tracker.log_artifact(path)
-        for path in plots:
-            ctx.tracker.log_artifact(path, artifact_path="plots")
-        # Test metrics on each model's training run too, so MLflow's compare view lines the models up
-        for name, metrics in results.items():
-            ctx.tracker.log_metrics_to_run(
-                model_cards[name]["mlflow_run_id"], {k: metrics[k] for k in METRIC_NAMES if k in metrics}
-            )
-        if CNN in results:
-            promote(ctx, model_cards[CNN], results[CNN]["test_accuracy"], args.decision)
-
-    runtime.run_stage(STAGE, STAGE, body, uses_tensorflow=True)
+    with runtime.stage(STAGE) as ctx:
+        run(args, ctx)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from typing import IO, Any, Literal
 
 import numpy as np
 
-from stages.lib import io, runtime
+from stages.lib import files, runtime
 from stages.lib.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -572,41 +572,39 @@ def fetch_mnist(
     )
 
 
+def run(args: argparse.Namespace, ctx: runtime.StageContext) -> None:
+    """Fetch MNIST as the ``fetch`` params say and write it to ``args.out``."""
+    p = ctx.params.fetch
+    start = time.perf_counter()
+    fetched = fetch_mnist(
+        [Source.from_params(entry) for entry in p.sources],
+        p.content_sha256,
+        local=p.local,
+        timeout_s=p.timeout_s,
+        retries=p.retries,
+        progress=sys.stderr.isatty(),
+    )
+    files.save_arrays(args.out, fetched.arrays)
+    log.info("Wrote %s", args.out)
+    ctx.tracker.set_tags(
+        {"fetch.source": fetched.source.name, "fetch.url": fetched.source.url, "fetch.content_sha256": fetched.digest}
+    )
+    ctx.tracker.log_metrics(
+        {
+            "train_size": len(fetched.arrays["y_train"]),
+            "test_size": len(fetched.arrays["y_test"]),
+            "sources_skipped": len(fetched.skipped),
+            "fetch_seconds": time.perf_counter() - start,
+        }
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="the mnist.npz to write")
     args = parser.parse_args(argv)
-
-    def body(ctx: runtime.StageContext) -> None:
-        p = ctx.params.fetch
-        start = time.perf_counter()
-        fetched = fetch_mnist(
-            [Source.from_params(entry) for entry in p.sources],
-            p.content_sha256,
-            local=p.local,
-            timeout_s=p.timeout_s,
-            retries=p.retries,
-            progress=sys.stderr.isatty(),
-        )
-        io.save_arrays(args.out, fetched.arrays)
-        log.info("Wrote %s", args.out)
-        ctx.tracker.set_tags(
-            {
-                "fetch.source": fetched.source.name,
-                "fetch.url": fetched.source.url,
-                "fetch.content_sha256": fetched.digest,
-            }
-        )
-        ctx.tracker.log_metrics(
-            {
-                "train_size": len(fetched.arrays["y_train"]),
-                "test_size": len(fetched.arrays["y_test"]),
-                "sources_skipped": len(fetched.skipped),
-                "fetch_seconds": time.perf_counter() - start,
-            }
-        )
-
-    runtime.run_stage(STAGE, "fetch", body, uses_tensorflow=False)
+    with runtime.stage(STAGE) as ctx:
+        run(args, ctx)
 
 
 if __name__ == "__main__":

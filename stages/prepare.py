@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.lib import io, runtime
+from stages.lib import files, runtime
 from stages.lib.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -67,35 +67,31 @@ def split(
     return (x[train], y[train]), (x[val], y[val])
 
 
+def run(args: argparse.Namespace, ctx: runtime.StageContext) -> None:
+    """Split ``args.raw`` into ``args.out_dir``/{train,val,test}.npz with the stage's params."""
+    p = ctx.params
+    raw = files.load_arrays(args.raw, RAW_SPEC, stage="fetch")
+    ctx.tracker.log_input(args.raw, context="raw")
+    try:
+        (x_train, y_train), (x_val, y_val) = split(
+            raw["x_train"], raw["y_train"], p.prepare.val_size, p.prepare.train_limit, p.base.seed
+        )
+    except ValueError as exc:
+        raise UserError(f"params.yaml: prepare: {exc}; lower prepare.val_size or prepare.train_limit") from None
+    log.info("Split %d training images into %d train / %d validation", len(raw["y_train"]), len(y_train), len(y_val))
+    outputs = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (raw["x_test"], raw["y_test"])}
+    for name, (x, y) in outputs.items():
+        files.save_arrays(args.out_dir / f"{name}.npz", {"x": x, "y": y})
+    ctx.tracker.log_metrics({f"{name}_size": len(y) for name, (_, y) in outputs.items()})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw", type=Path, required=True, help="mnist.npz written by fetch")
     parser.add_argument("--out-dir", type=Path, required=True, help="directory for train/val/test.npz")
     args = parser.parse_args(argv)
-
-    def body(ctx: runtime.StageContext) -> None:
-        p = ctx.params
-        raw = io.load_arrays(args.raw, RAW_SPEC, stage="fetch")
-        ctx.tracker.log_input(args.raw, context="raw")
-        try:
-            (x_train, y_train), (x_val, y_val) = split(
-                raw["x_train"], raw["y_train"], p.prepare.val_size, p.prepare.train_limit, p.base.seed
-            )
-        except ValueError as exc:
-            raise UserError(f"params.yaml: prepare: {exc}; lower prepare.val_size or prepare.train_limit") from None
-        log.info(
-            "Split %d training images into %d train / %d validation", len(raw["y_train"]), len(y_train), len(y_val)
-        )
-        outputs = {
-            "train": (x_train, y_train),
-            "val": (x_val, y_val),
-            "test": (raw["x_test"], raw["y_test"]),
-        }
-        for name, (x, y) in outputs.items():
-            io.save_arrays(args.out_dir / f"{name}.npz", {"x": x, "y": y})
-        ctx.tracker.log_metrics({f"{name}_size": len(y) for name, (_, y) in outputs.items()})
-
-    runtime.run_stage(STAGE, "prepare", body, uses_tensorflow=False)
+    with runtime.stage(STAGE) as ctx:
+        run(args, ctx)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
-from stages.lib import baselines, cards, io, preprocess, runtime
+from stages.lib import baselines, cards, files, preprocess, runtime
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,48 @@ def train(
     return model, metrics, fit_s
 
 
+def run(args: argparse.Namespace, ctx: runtime.StageContext) -> None:
+    """Fit baseline ``args.name`` on ``args.train``; write the model ``args.model`` and its card ``args.card``."""
+    hyper = hyperparams(args.name, getattr(ctx.params.baselines, args.name))
+    train_split = files.load_split(args.train, stage="prepare")
+    val_split = files.load_split(args.val, stage="prepare")
+    inputs = ctx.tracker.log_inputs({"train": args.train, "validation": args.val})
+    log.info("Fitting %s %s on %d images", args.name, hyper, len(train_split[1]))
+    model, metrics, fit_s = train(args.name, hyper, train_split, val_split)
+    log.info(
+        "%s: fit in %.2f s, validation accuracy %.4f, macro F1 %.4f",
+        args.name,
+        fit_s,
+        metrics["val_accuracy"],
+        metrics["val_macro_f1"],
+    )
+    ctx.tracker.log_metrics({**metrics, "train_wall_time_s": fit_s})
+    baselines.save_sklearn(model, args.model)
+    model_uri = ctx.tracker.log_model(
+        "sklearn",
+        model,
+        preprocess.to_flat_input(val_split[0][:5]),
+        ("scikit-learn", "skops"),
+        serialization_format="skops",
+        skops_trusted_types=sorted(baselines.ALLOWED_TYPES),
+    )
+    cards.write_card(
+        args.card,
+        name=args.name,
+        model_file=args.model,
+        fmt="skops",
+        input_kind="flat",
+        params=ctx.params.flat(),
+        device=ctx.device,
+        metrics=metrics,
+        inputs=inputs,
+        mlflow_run_id=ctx.tracker.run_id,
+        wall_time_s=fit_s,
+        extra={"mlflow_model_uri": model_uri},
+    )
+    ctx.tracker.log_artifact(args.card)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", choices=baselines.BASELINES, required=True, help="which baseline to train")
@@ -63,52 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="output model (.skops)")
     parser.add_argument("--card", type=Path, required=True, help="output model card (.json)")
     args = parser.parse_args(argv)
-    stage = f"{STAGE}@{args.name}"
-
-    def body(ctx: runtime.StageContext) -> None:
-        hyper = hyperparams(args.name, getattr(ctx.params.baselines, args.name))
-        train_split = io.load_split(args.train, stage="prepare")
-        val_split = io.load_split(args.val, stage="prepare")
-        inputs = {
-            str(args.train): ctx.tracker.log_input(args.train, context="train"),
-            str(args.val): ctx.tracker.log_input(args.val, context="validation"),
-        }
-        log.info("Fitting %s %s on %d images", args.name, hyper, len(train_split[1]))
-        model, metrics, fit_s = train(args.name, hyper, train_split, val_split)
-        log.info(
-            "%s: fit in %.2f s, validation accuracy %.4f, macro F1 %.4f",
-            args.name,
-            fit_s,
-            metrics["val_accuracy"],
-            metrics["val_macro_f1"],
-        )
-        ctx.tracker.log_metrics({**metrics, "train_wall_time_s": fit_s})
-        baselines.save_sklearn(model, args.model)
-        model_uri = ctx.tracker.log_model(
-            "sklearn",
-            model,
-            preprocess.to_flat_input(val_split[0][:5]),
-            ("scikit-learn", "skops"),
-            serialization_format="skops",
-            skops_trusted_types=sorted(baselines.ALLOWED_TYPES),
-        )
-        cards.write_card(
-            args.card,
-            name=args.name,
-            model_file=args.model,
-            fmt="skops",
-            input_kind="flat",
-            params=ctx.params.flat(),
-            device=ctx.device,
-            metrics=metrics,
-            inputs=inputs,
-            mlflow_run_id=ctx.tracker.run_id,
-            wall_time_s=fit_s,
-            extra={"mlflow_model_uri": model_uri},
-        )
-        ctx.tracker.log_artifact(args.card)
-
-    runtime.run_stage(stage, f"baselines.{args.name}", body, uses_tensorflow=False, system_metrics=True)
+    with runtime.stage(f"{STAGE}@{args.name}") as ctx:
+        run(args, ctx)
 
 
 if __name__ == "__main__":

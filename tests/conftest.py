@@ -1,4 +1,5 @@
-"""Shared fixtures: a stage working directory with the real dvc.yaml and a shrunk params.yaml."""
+"""Shared fixtures: an isolated MLflow store, and stage working directories with the real dvc.yaml and a
+shrunk params.yaml. Helpers that are not fixtures live in tests/support/."""
 
 from __future__ import annotations
 
@@ -10,17 +11,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from stages.lib import runtime, tracking
+from tests.support.repo import REPO, TINY, set_params
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Every test logs to a throw-away SQLite store, never to the repository's mlflow.db."""
-    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    """Every test logs to a throw-away SQLite store, never to the repository's mlflow.db; its artifacts (the
+    default experiment's too) go beside it, never to ./mlruns."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    SqlAlchemyStore(uri, (store / "artifacts").as_uri())  # creates the database and its default experiment
     old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
     # Subprocesses (dvc, stages/run) find this interpreter first.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     os.environ.pop("DVC_STAGE", None)
@@ -29,26 +35,6 @@ def _isolated_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = old
-
-
-def set_params(path: Path, overrides: dict[str, Any]) -> None:
-    """Set dotted keys (``{"augment.copies": 0}``) in a params.yaml file."""
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-TINY = {
-    "prepare.val_size": 100,
-    "train_cnn.epochs": 1,
-    "train_cnn.batch_size": 32,
-    "augment.batch_size": 128,
-}
 
 
 @pytest.fixture
@@ -65,5 +51,19 @@ def stage_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., 
         set_params(tmp_path / "params.yaml", {**TINY, **(overrides or {})})
         monkeypatch.chdir(tmp_path)
         return tmp_path
+
+    return make
+
+
+@pytest.fixture
+def stage_context(stage_dir: Callable[..., Path]) -> Callable[..., runtime.StageContext]:
+    """Return a function that makes a stage working directory (:func:`stage_dir`) and the context a stage's
+    ``run`` takes there: that directory's params (loaded, and the device applied, as the stage's ``main``
+    does) and a tracker that records nothing. No MLflow is involved."""
+
+    def make(stage: str, overrides: dict[str, Any] | None = None) -> runtime.StageContext:
+        stage_dir(overrides)
+        params, device = runtime.load_stage(stage)
+        return runtime.StageContext(stage, params, device, tracking.Tracker())
 
     return make

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from stages import augment as aug
-from stages.lib import io
-from stages.lib import params as params_lib
-from tests.mnist_fixture import make_mnist
+from stages.lib import files
+from tests.support.mnist import make_mnist
 
-RANGES = {"rotation_deg": 10.0, "width_shift": 0.1, "height_shift": 0.1, "zoom": 0.1, "horizontal_flip": False}
-NONE = {"rotation_deg": 0.0, "width_shift": 0.0, "height_shift": 0.0, "zoom": 0.0, "horizontal_flip": False}
+RANGES = aug.Ranges(rotation_deg=10.0, width_shift=0.1, height_shift=0.1, zoom=0.1)
+NONE = aug.Ranges()
 
 
 class EdgeRng:
@@ -56,13 +56,13 @@ def decompose(rows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def test_zero_ranges_give_exact_identity() -> None:
-    rows = aug.affine_matrices(5, **NONE, rng=np.random.default_rng(0))
+    rows = aug.affine_matrices(5, NONE, rng=np.random.default_rng(0))
     assert rows.dtype == np.float32 and rows.shape == (5, 8)
     np.testing.assert_array_equal(rows, np.tile([1, 0, 0, 0, 1, 0, 0, 0], (5, 1)))
 
 
 def test_draws_stay_inside_their_ranges_and_use_them() -> None:
-    rows = aug.affine_matrices(4000, 15.0, 0.1, 0.2, 0.3, True, rng=np.random.default_rng(1))
+    rows = aug.affine_matrices(4000, aug.Ranges(15.0, 0.1, 0.2, 0.3, True), rng=np.random.default_rng(1))
     got = decompose(rows)
     for name, bound in {"deg": 15.0, "tx": 2.8, "ty": 5.6}.items():
         assert np.abs(got[name]).max() <= bound + 1e-3, name
@@ -73,14 +73,14 @@ def test_draws_stay_inside_their_ranges_and_use_them() -> None:
 
 
 def test_no_flips_unless_enabled() -> None:
-    rows = aug.affine_matrices(1000, 10.0, 0.1, 0.1, 0.1, False, rng=np.random.default_rng(2))
+    rows = aug.affine_matrices(1000, aug.Ranges(10.0, 0.1, 0.1, 0.1, False), rng=np.random.default_rng(2))
     assert (decompose(rows)["flip"] > 0).all()
 
 
 def test_same_generator_state_same_matrices() -> None:
-    first = aug.affine_matrices(50, **RANGES, rng=np.random.default_rng(7))
-    again = aug.affine_matrices(50, **RANGES, rng=np.random.default_rng(7))
-    other = aug.affine_matrices(50, **RANGES, rng=np.random.default_rng(8))
+    first = aug.affine_matrices(50, RANGES, rng=np.random.default_rng(7))
+    again = aug.affine_matrices(50, RANGES, rng=np.random.default_rng(7))
+    other = aug.affine_matrices(50, RANGES, rng=np.random.default_rng(8))
     assert first.tobytes() == again.tobytes()
     assert not np.array_equal(first, other)
 
@@ -89,7 +89,7 @@ def test_same_generator_state_same_matrices() -> None:
 
 
 def test_identity_leaves_images_exactly_unchanged(images: np.ndarray) -> None:
-    out = aug.augment(images, 2, **NONE, batch_size=16, seed=0)
+    out = aug.augment(images, 2, NONE, batch_size=16, seed=0)
     np.testing.assert_array_equal(out, np.concatenate([images, images]))
 
 
@@ -97,7 +97,7 @@ def test_pure_shift_moves_a_pixel_by_the_drawn_amount() -> None:
     x = np.zeros((1, 28, 28), dtype=np.uint8)
     x[0, 10, 5] = 200
     # EdgeRng draws the upper bound: 3 pixels right and 2 down
-    rows = aug.affine_matrices(1, 0.0, 3 / 28, 2 / 28, 0.0, False, rng=EdgeRng())
+    rows = aug.affine_matrices(1, aug.Ranges(0.0, 3 / 28, 2 / 28, 0.0, False), rng=EdgeRng())
     out = aug.transform_images(x, rows, batch_size=1)
     assert np.argwhere(out[0]).tolist() == [[12, 8]]
     assert out[0, 12, 8] == 200
@@ -105,26 +105,26 @@ def test_pure_shift_moves_a_pixel_by_the_drawn_amount() -> None:
 
 def test_flip_mirrors_left_to_right() -> None:
     x = interior()
-    rows = aug.affine_matrices(len(x), 0.0, 0.0, 0.0, 0.0, True, rng=EdgeRng())
+    rows = aug.affine_matrices(len(x), aug.Ranges(0.0, 0.0, 0.0, 0.0, True), rng=EdgeRng())
     np.testing.assert_array_equal(aug.transform_images(x, rows, batch_size=8), x[:, :, ::-1])
 
 
 def test_positive_rotation_turns_counter_clockwise() -> None:
     x = interior()
-    rows = aug.affine_matrices(len(x), 90.0, 0.0, 0.0, 0.0, False, rng=EdgeRng())
+    rows = aug.affine_matrices(len(x), aug.Ranges(90.0, 0.0, 0.0, 0.0, False), rng=EdgeRng())
     np.testing.assert_array_equal(aug.transform_images(x, rows, batch_size=8), np.rot90(x, axes=(1, 2)))
 
 
 def test_zoom_above_one_shrinks_the_digit() -> None:
     x = interior(1)
-    rows = aug.affine_matrices(1, 0.0, 0.0, 0.0, 0.5, False, rng=EdgeRng())  # scale 1.5
+    rows = aug.affine_matrices(1, aug.Ranges(0.0, 0.0, 0.0, 0.5, False), rng=EdgeRng())  # scale 1.5
     out = aug.transform_images(x, rows, batch_size=1)
     filled = np.argwhere(out[0])
     assert filled.min() >= 8 and filled.max() <= 19  # 16 pixels wide → about 11, still centred
 
 
 def test_copies_zero_is_a_pass_through(images: np.ndarray) -> None:
-    augmented = aug.augment(images, 0, **RANGES, batch_size=16, seed=0)
+    augmented = aug.augment(images, 0, RANGES, batch_size=16, seed=0)
     assert augmented.shape == (0, 28, 28) and augmented.dtype == np.uint8
     labels = np.arange(len(images), dtype=np.uint8)
     x_out, y_out = aug.with_originals(images, labels, augmented)
@@ -134,7 +134,7 @@ def test_copies_zero_is_a_pass_through(images: np.ndarray) -> None:
 
 def test_output_layout_originals_then_copy_blocks(images: np.ndarray) -> None:
     labels = (np.arange(len(images)) % 10).astype(np.uint8)
-    augmented = aug.augment(images, 3, **RANGES, batch_size=16, seed=0)
+    augmented = aug.augment(images, 3, RANGES, batch_size=16, seed=0)
     assert augmented.shape == (3 * len(images), 28, 28) and augmented.dtype == np.uint8
     x_out, y_out = aug.with_originals(images, labels, augmented)
     n = len(images)
@@ -142,7 +142,7 @@ def test_output_layout_originals_then_copy_blocks(images: np.ndarray) -> None:
     np.testing.assert_array_equal(x_out[n:], augmented)
     np.testing.assert_array_equal(y_out, np.tile(labels, 4))
     # Copy k of image i is image i transformed by the k-th block of matrices
-    rows = aug.affine_matrices(3 * n, **RANGES, rng=np.random.default_rng(0))
+    rows = aug.affine_matrices(3 * n, RANGES, rng=np.random.default_rng(0))
     k, i = 2, 5
     one = aug.transform_images(images[i : i + 1], rows[k * n + i : k * n + i + 1], batch_size=1)
     np.testing.assert_array_equal(augmented[k * n + i], one[0])
@@ -156,24 +156,24 @@ def test_with_originals_rejects_partial_copies(images: np.ndarray) -> None:
 
 
 def test_same_seed_same_bytes_other_seed_other_images(images: np.ndarray) -> None:
-    first = aug.augment(images, 2, **RANGES, batch_size=16, seed=3)
-    again = aug.augment(images, 2, **RANGES, batch_size=16, seed=3)
-    other = aug.augment(images, 2, **RANGES, batch_size=16, seed=4)
+    first = aug.augment(images, 2, RANGES, batch_size=16, seed=3)
+    again = aug.augment(images, 2, RANGES, batch_size=16, seed=3)
+    other = aug.augment(images, 2, RANGES, batch_size=16, seed=4)
     assert first.tobytes() == again.tobytes()
     assert not np.array_equal(first, other)
 
 
 def test_result_does_not_depend_on_batch_size(images: np.ndarray) -> None:
-    small = aug.augment(images, 2, **RANGES, batch_size=7, seed=5)
-    large = aug.augment(images, 2, **RANGES, batch_size=1000, seed=5)
+    small = aug.augment(images, 2, RANGES, batch_size=7, seed=5)
+    large = aug.augment(images, 2, RANGES, batch_size=1000, seed=5)
     assert small.tobytes() == large.tobytes()
 
 
 def test_rejects_images_of_the_wrong_form(images: np.ndarray) -> None:
     with pytest.raises(ValueError, match="uint8 images"):
-        aug.augment(images.astype(np.float32), 1, **RANGES, batch_size=8, seed=0)
+        aug.augment(images.astype(np.float32), 1, RANGES, batch_size=8, seed=0)
     with pytest.raises(ValueError, match="uint8 images"):
-        aug.augment(images[:, :14], 1, **RANGES, batch_size=8, seed=0)
+        aug.augment(images[:, :14], 1, RANGES, batch_size=8, seed=0)
 
 
 # ----------------------------------------------------------------------------------- the stage entry point
@@ -189,50 +189,40 @@ ARGS = [
 ]
 
 
-def spy_on_params(monkeypatch: pytest.MonkeyPatch) -> list[params_lib.StageParams]:
-    """Capture the params view the stage gets, to compare what it read with what it declares."""
-    views: list[params_lib.StageParams] = []
-    real = params_lib.load
-
-    def load(stage: str, *args: object, **kwargs: object) -> params_lib.StageParams:
-        views.append(real(stage, *args, **kwargs))
-        return views[-1]
-
-    monkeypatch.setattr(params_lib, "load", load)
-    return views
+def _args() -> argparse.Namespace:
+    return argparse.Namespace(
+        train=Path("data/prepared/train.npz"),
+        out=Path("data/augmented/train.npz"),
+        preview=Path("plots/augment/preview.png"),
+    )
 
 
-def test_main_writes_outputs_and_reads_what_it_declares(
-    stage_dir, monkeypatch: pytest.MonkeyPatch, images: np.ndarray
-) -> None:
-    root: Path = stage_dir({"augment.copies": 2, "augment.device": "cpu", "augment.batch_size": 32})
+def test_run_writes_outputs_and_reads_what_it_declares(stage_context, images: np.ndarray) -> None:
+    ctx = stage_context("augment", {"augment.copies": 2, "augment.device": "cpu", "augment.batch_size": 32})
     labels = (np.arange(len(images)) % 10).astype(np.uint8)
-    io.save_arrays("data/prepared/train.npz", {"x": images, "y": labels})
-    views = spy_on_params(monkeypatch)
+    files.save_arrays("data/prepared/train.npz", {"x": images, "y": labels})
 
-    aug.main(ARGS)
+    aug.run(_args(), ctx)
 
     out = np.load("data/augmented/train.npz")
     assert out["x"].dtype == np.uint8 and out["x"].shape == (3 * len(images), 28, 28)
     np.testing.assert_array_equal(out["x"][: len(images)], images)
     np.testing.assert_array_equal(out["y"], np.tile(labels, 3))
     # Same params, same seed (base.seed), same pixels as calling the core directly
-    p = views[0]
-    a = p.augment
-    ranges = (a.rotation_deg, a.width_shift, a.height_shift, a.zoom, a.horizontal_flip)
-    expected = aug.augment(images, 2, *ranges, batch_size=7, seed=p.base.seed)
+    p = ctx.params
+    expected = aug.augment(images, 2, aug.Ranges.from_params(p.augment), batch_size=7, seed=p.base.seed)
     np.testing.assert_array_equal(out["x"][len(images) :], expected)
     assert Path("plots/augment/preview.png").read_bytes().startswith(b"\x89PNG")
     assert set(p.reads) == set(p.flat())
-    assert not [f for f in root.rglob("*.tmp")]
+    assert not [f for f in Path.cwd().rglob("*.tmp")]
 
 
-def test_main_with_zero_copies_passes_originals_through(stage_dir, images: np.ndarray) -> None:
-    stage_dir({"augment.copies": 0, "augment.device": "cpu"})
+def test_run_with_zero_copies_passes_originals_through(stage_context, images: np.ndarray) -> None:
+    ctx = stage_context("augment", {"augment.copies": 0, "augment.device": "cpu"})
     labels = (np.arange(len(images)) % 10).astype(np.uint8)
-    io.save_arrays("data/prepared/train.npz", {"x": images, "y": labels})
+    files.save_arrays("data/prepared/train.npz", {"x": images, "y": labels})
 
-    aug.main(ARGS)
+    aug.run(_args(), ctx)
 
     out = np.load("data/augmented/train.npz")
     np.testing.assert_array_equal(out["x"], images)

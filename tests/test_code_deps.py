@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from stages.lib import pipeline
+from tests.support.repo import REPO
 
 PIPELINE = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 
 def project_imports(path: Path) -> set[str]:
-    """Project modules (``stages.lib.io``) imported anywhere in a file, including inside functions."""
+    """Project modules (``stages.lib.files``) imported anywhere in a file, including inside functions."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -45,18 +46,12 @@ def closure(module: str) -> set[str]:
     return {module_file(m) for m in seen}
 
 
-def stage_specs() -> list[tuple[str, dict]]:
-    specs = []
-    for name, spec in PIPELINE["stages"].items():
-        if "foreach" in spec:
-            specs += [(f"{name}@{item}", spec["do"]) for item in spec["foreach"]]
-        else:
-            specs.append((name, spec))
-    return specs
+STAGES = pipeline.stage_names(PIPELINE)
 
 
-@pytest.mark.parametrize(("stage", "spec"), stage_specs(), ids=[s for s, _ in stage_specs()])
-def test_code_deps_are_exactly_the_imported_modules(stage: str, spec: dict) -> None:
+@pytest.mark.parametrize("stage", STAGES)
+def test_code_deps_are_exactly_the_imported_modules(stage: str) -> None:
+    spec = pipeline.stage_spec(stage, PIPELINE)
     cmd = spec["cmd"].split()
     assert cmd[:2] == ["sh", "stages/run"], "stage commands go through stages/run"
     expected = {"stages/run"} | closure(f"stages.{cmd[2]}")
@@ -64,6 +59,10 @@ def test_code_deps_are_exactly_the_imported_modules(stage: str, spec: dict) -> N
     assert declared == expected, f"missing: {sorted(expected - declared)}, extra: {sorted(declared - expected)}"
 
 
+def test_the_stage_table_covers_every_stage() -> None:
+    assert set(pipeline.STAGES) == {stage.partition("@")[0] for stage in STAGES}
+
+
 def test_closure_follows_lazy_imports() -> None:
-    # runtime imports tracking inside run_stage; tracking imports io
-    assert {"stages/lib/tracking.py", "stages/lib/io.py"} <= closure("stages.lib.runtime")
+    # runtime imports tracking inside stage(); tracking imports files
+    assert {"stages/lib/tracking.py", "stages/lib/files.py"} <= closure("stages.lib.runtime")

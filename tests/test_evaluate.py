@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from stages import evaluate
-from stages.lib import baselines, cards, io, models
+from stages.lib import baselines, cards, files, models
 from stages.lib import params as params_lib
 from stages.lib.preprocess import one_hot, to_flat_input, to_model_input
-from tests.mnist_fixture import make_mnist
+from tests.support.mnist import make_mnist
 
 N_TEST = 60
 GRID = 4
@@ -91,12 +91,12 @@ def _training_run(name: str, model_file: Path, fmt: str) -> tuple[str, str]:
     the model logged as train_cnn / train_baseline log it. Returns the run id and the model's URI."""
     import mlflow
 
-    from stages.lib.tracking import StageTracker
+    from stages.lib.tracking import MlflowTracker
 
     exp = mlflow.get_experiment_by_name("evaluate-tests")
     exp_id = exp.experiment_id if exp else mlflow.create_experiment("evaluate-tests")
     with mlflow.start_run(experiment_id=exp_id, run_name=f"train {name}") as run:
-        tracker = StageTracker(run.info.run_id)
+        tracker = MlflowTracker(run.info.run_id)
         if fmt == "keras":
             example = to_model_input(np.zeros((2, 28, 28), np.uint8))
             uri = tracker.log_model("tensorflow", models.load_cnn(model_file), example, ("tensorflow", "keras"))
@@ -145,7 +145,7 @@ def evaluate_dir(stage_dir: Callable[..., Path]) -> Callable[[], tuple[Path, lis
             }
         )
         d = make_mnist(n_train=300, n_test=N_TEST, seed=3)
-        io.save_arrays(root / "data/prepared/test.npz", {"x": d["x_test"], "y": d["y_test"]})
+        files.save_arrays(root / "data/prepared/test.npz", {"x": d["x_test"], "y": d["y_test"]})
         (root / "models").mkdir()
         _tiny_cnn(root / "models/cnn.keras", d["x_train"], d["y_train"])
         _card(root, "cnn", root / "models/cnn.keras", "keras", "image")

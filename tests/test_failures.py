@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,20 +19,13 @@ from pathlib import Path
 import pytest
 
 from stages import prepare
-from stages.lib import io
+from stages.lib import files
 from stages.lib.tracking import redact_uri
-from tests.conftest import set_params
-from tests.mnist_fixture import make_mnist
-from tests.test_pipeline import _env, run, tiny_repo
+from tests.support.mnist import make_mnist
+from tests.support.repo import command_env, run, set_params, tiny_repo
+from tests.support.servers import free_port
 
 CNN_OUTS = ("models/cnn.keras", "models/cnn.json", "plots/train_cnn/history.csv")
-
-
-def _free_port() -> int:
-    """A loopback port with nothing listening on it (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_dead_mlflow_server_stops_stage_before_any_work(
@@ -41,8 +33,8 @@ def test_dead_mlflow_server_stops_stage_before_any_work(
 ) -> None:
     root = stage_dir({"prepare.val_size": 50})
     raw = root / "raw.npz"
-    io.save_arrays(raw, make_mnist(300, 50))
-    uri = f"http://127.0.0.1:{_free_port()}"
+    files.save_arrays(raw, make_mnist(300, 50))
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     start = time.monotonic()
     with pytest.raises(SystemExit) as info:
@@ -59,8 +51,8 @@ def test_dead_mlflow_server_message_hides_credentials(
 ) -> None:
     root = stage_dir()
     raw = root / "raw.npz"
-    io.save_arrays(raw, make_mnist(300, 50))
-    port = _free_port()
+    files.save_arrays(raw, make_mnist(300, 50))
+    port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:s3cret@127.0.0.1:{port}/mlflow")
     with pytest.raises(SystemExit):
         prepare.main(["--raw", str(raw), "--out-dir", "out"])
@@ -99,7 +91,7 @@ def start(root: Path, log: Path, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
             args,
             cwd=root,
-            env={**_env(), "PYTHONUNBUFFERED": "1"},  # Keras' per-epoch lines reach the log as they happen
+            env={**command_env(), "PYTHONUNBUFFERED": "1"},  # Keras' per-epoch lines reach the log as they happen
             stdout=fh,
             stderr=subprocess.STDOUT,
             text=True,
@@ -116,7 +108,7 @@ def wait_for(log: Path, text: str, proc: subprocess.Popen[str], timeout: float =
 
 
 def _md5s(root: Path) -> dict[str, str | None]:
-    return {out: io.file_md5(root / out) if (root / out).exists() else None for out in CNN_OUTS}
+    return {out: files.file_md5(root / out) if (root / out).exists() else None for out in CNN_OUTS}
 
 
 def _status(root: Path, *targets: str) -> dict:
@@ -129,7 +121,9 @@ def test_second_repro_fails_fast_while_one_runs(repo: Path, tmp_path: Path) -> N
     try:
         wait_for(tmp_path / "first.log", "Running stage 'train_cnn'", first)
         begin = time.monotonic()
-        second = subprocess.run(["dvc", "repro"], cwd=repo, env=_env(), capture_output=True, text=True, timeout=60)
+        second = subprocess.run(
+            ["dvc", "repro"], cwd=repo, env=command_env(), capture_output=True, text=True, timeout=60
+        )
         took = time.monotonic() - begin
         assert first.poll() is None, "the first repro ended before the second one tried"
         assert first.wait(timeout=180) == 0, (tmp_path / "first.log").read_text()
@@ -179,8 +173,8 @@ def test_killed_training_resumes_from_backup_to_identical_weights(stage_dir: Cal
     # dropout on: the resumed epochs must also draw the masks of the uninterrupted run
     root = stage_dir({"train_cnn.epochs": epochs, "train_cnn.device": "cpu", "train_cnn.dropout": 0.25})
     data = make_mnist(2000, 200, seed=3)
-    io.save_arrays(root / "train.npz", {"x": data["x_train"], "y": data["y_train"]})
-    io.save_arrays(root / "val.npz", {"x": data["x_test"], "y": data["y_test"]})
+    files.save_arrays(root / "train.npz", {"x": data["x_train"], "y": data["y_train"]})
+    files.save_arrays(root / "val.npz", {"x": data["x_test"], "y": data["y_test"]})
     env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"}
     env["PYTHONUNBUFFERED"] = "1"
 

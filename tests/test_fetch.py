@@ -20,8 +20,8 @@ import pytest
 from stages import fetch
 from stages.fetch import Source, SourceError, content_digest, fetch_mnist
 from stages.lib.errors import UserError
-from tests import fetch_fixtures as ff
-from tests.mnist_fixture import make_mnist
+from tests.support import fetch_sources as ff
+from tests.support.mnist import make_mnist
 
 ARRAYS = make_mnist()
 DIGEST = content_digest(ARRAYS)

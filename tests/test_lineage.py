@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from stages.lib import lineage
-from tests.conftest import REPO
+from tests.support.repo import REPO
 
 
 @pytest.mark.parametrize(

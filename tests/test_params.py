@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from stages.lib import params as P
+from stages.lib import pipeline as pipeline_lib
 from stages.lib.errors import UserError
-from tests.conftest import REPO
+from tests.support.repo import REPO
 
 ALL_STAGES = [
     "fetch",
@@ -49,7 +50,7 @@ def test_declared_params_match_dvc_own_reading() -> None:
         }
     assert sorted(dvc_view) == sorted(ALL_STAGES)
     for stage, keys in dvc_view.items():
-        assert P.declared_params(stage, pipeline) == keys, stage
+        assert pipeline_lib.declared_params(stage, pipeline) == keys, stage
 
 
 def test_view_exposes_declared_keys_and_settings_only() -> None:
@@ -91,9 +92,9 @@ def test_dvc_stage_env_must_agree(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unknown_stage_and_foreach_item() -> None:
     pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
     with pytest.raises(UserError, match="no stage named 'nope'"):
-        P.declared_params("nope", pipeline)
+        pipeline_lib.declared_params("nope", pipeline)
     with pytest.raises(UserError, match="foreach"):
-        P.declared_params("train_baseline@svm", pipeline)
+        pipeline_lib.declared_params("train_baseline@svm", pipeline)
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,7 @@ runs in the default SQLite store, no-op re-runs, and which stages a params chang
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,89 +15,22 @@ import pytest
 import yaml
 
 from stages.fetch import content_digest
-from stages.lib import io, lineage
-from tests.conftest import REPO, set_params
-from tests.mnist_fixture import make_mnist
+from stages.lib import lineage
+from tests.support.repo import (
+    ALL_STAGES,
+    REPO,
+    children,
+    command_env,
+    default_store,
+    mlflow_runs,
+    parents,
+    run,
+    set_params,
+    stage_key,
+    tiny_repo,
+)
 
-pytestmark = pytest.mark.integration
-
-ALL_STAGES = {"fetch", "prepare", "augment", "train_cnn", "train_baseline@ridge", "train_baseline@lasso", "evaluate"}
-# Pipeline outputs (and the reference run's committed metrics and plots) are not copied
-DVC_OUTPUT_DIRS = {"data", "models", "metrics", "plots", "mlartifacts"}
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "pipeline-test",
-    "GIT_AUTHOR_EMAIL": "pipeline-test@localhost",
-    "GIT_COMMITTER_NAME": "pipeline-test",
-    "GIT_COMMITTER_EMAIL": "pipeline-test@localhost",
-}
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, **GIT_ENV}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the stages must fall back to <repo>/mlflow.db
-    return env
-
-
-def run(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(args, cwd=root, env=_env(), capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def copy_repo(dest: Path) -> Path:
-    """Copy the repository's files (tracked, or untracked but not ignored) into a fresh git repository."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for name in filter(None, listed):
-        if name.split("/")[0] in DVC_OUTPUT_DIRS:
-            continue
-        src = REPO / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    (dest / "dvc.lock").unlink(missing_ok=True)  # the repository's own reference run
-    return dest
-
-
-def tiny_profile(root: Path) -> None:
-    """Point fetch at a generated fixture and shrink the pipeline to seconds."""
-    arrays = make_mnist(n_train=600, n_test=100, seed=1)
-    fixture = root.parent / "fixture" / "mnist.npz"
-    io.save_arrays(fixture, arrays)
-    source = {
-        "name": "fixture",
-        "format": "npz",
-        "url": fixture.as_uri(),
-        "sha256": hashlib.sha256(fixture.read_bytes()).hexdigest(),
-    }
-    set_params(
-        root / "params.yaml",
-        {
-            "fetch.sources": [source],
-            "fetch.content_sha256": content_digest(arrays),
-            "prepare.val_size": 100,
-            "augment.copies": 1,
-            "augment.batch_size": 256,
-            "train_cnn.epochs": 1,
-            "train_cnn.batch_size": 32,
-            "evaluate.misclassified_grid": 9,
-        },
-    )
-
-
-def tiny_repo(dest: Path) -> Path:
-    """A committed git repository at ``dest``: the repository's code with the tiny profile."""
-    root = copy_repo(dest)
-    tiny_profile(root)
-    run(root, "git", "init", "-q", "-b", "main")
-    run(root, "git", "add", "-A")
-    run(root, "git", "commit", "-q", "-m", "tiny profile")
-    return root
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +38,6 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tiny_repo(tmp_path_factory.mktemp("pipeline") / "repo")
     run(root, "dvc", "repro")
     return root
-
-
-def mlflow_runs(root: Path) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    experiments = client.search_experiments()
-    return client.search_runs([e.experiment_id for e in experiments], max_results=1000)
 
 
 def test_every_declared_output_exists(pipeline: Path) -> None:
@@ -145,21 +67,8 @@ def test_metrics_and_plots(pipeline: Path) -> None:
     assert "| cnn |" in (pipeline / "metrics" / "evaluate.md").read_text()
 
 
-def parents(runs: list) -> list:
-    return sorted((r for r in runs if r.data.tags.get("pipeline.role") == "parent"), key=lambda r: r.info.start_time)
-
-
-def children(runs: list, parent: object) -> dict[str, object]:
-    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    return {r.data.tags["dvc.stage"]: r for r in kids}
-
-
-def key(stage: str) -> str:
-    return stage.replace("@", ":")
-
-
 def test_one_parent_and_one_child_per_stage_in_default_store(pipeline: Path) -> None:
-    runs = mlflow_runs(pipeline)
+    runs = mlflow_runs(default_store(pipeline))
     (parent,) = parents(runs)
     kids = children(runs, parent)
     assert len(runs) == 1 + len(ALL_STAGES) and set(kids) == ALL_STAGES
@@ -176,11 +85,11 @@ def test_one_parent_and_one_child_per_stage_in_default_store(pipeline: Path) -> 
             assert used.dataset.digest == md5[used.dataset.name], (stage, used.dataset.name)
         assert bool(r.inputs.dataset_inputs) == (stage != "fetch")
         # the parent: this child produced the stage's current outputs, and its final metrics are there too
-        assert parent.data.tags[f"stage.{key(stage)}.status"] == "ran"
-        assert parent.data.tags[f"stage.{key(stage)}.run_id"] == r.info.run_id
+        assert parent.data.tags[f"stage.{stage_key(stage)}.status"] == "ran"
+        assert parent.data.tags[f"stage.{stage_key(stage)}.run_id"] == r.info.run_id
         for metric, value in r.data.metrics.items():
             if not metric.startswith("system/"):
-                assert parent.data.metrics[f"{key(stage)}.{metric}"] == value, (stage, metric)
+                assert parent.data.metrics[f"{stage_key(stage)}.{metric}"] == value, (stage, metric)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["dvc.command"] == "dvc repro"
     assert parent.info.run_name == "pipeline"
@@ -209,7 +118,7 @@ def test_champion_loads_and_predicts_in_a_fresh_process(pipeline: Path) -> None:
         "assert out.shape == (20, 10), out.shape\n"
         "print(','.join(map(str, out.argmax(axis=1))))\n"
     )
-    env = {**_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{pipeline / 'mlflow.db'}", "PYTHONPATH": str(pipeline)}
+    env = {**command_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{pipeline / 'mlflow.db'}", "PYTHONPATH": str(pipeline)}
     result = subprocess.run(["python", "-c", script], cwd=pipeline, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     digits = [int(d) for d in result.stdout.strip().splitlines()[-1].split(",")]
@@ -217,10 +126,10 @@ def test_champion_loads_and_predicts_in_a_fresh_process(pipeline: Path) -> None:
 
 
 def test_second_repro_does_nothing(pipeline: Path) -> None:
-    before = len(mlflow_runs(pipeline))
+    before = len(mlflow_runs(default_store(pipeline)))
     out = run(pipeline, "dvc", "repro").stdout
     assert "Running stage" not in out
-    assert len(mlflow_runs(pipeline)) == before
+    assert len(mlflow_runs(default_store(pipeline))) == before
 
 
 # Which stages a change to each params section makes stale, written by hand (not derived from dvc.yaml),
@@ -291,9 +200,9 @@ def snapshot(root: Path) -> dict[str, object]:
     from stages.lib.baselines import load_sklearn
     from stages.lib.models import load_cnn
 
-    files = [*sorted((root / "data").rglob("*.npz")), root / "metrics" / "evaluate.json"]
-    files += sorted((root / "plots").rglob("*.csv"))
-    state: dict[str, object] = {str(f.relative_to(root)): io.file_md5(f) for f in files}
+    paths = [*sorted((root / "data").rglob("*.npz")), root / "metrics" / "evaluate.json"]
+    paths += sorted((root / "plots").rglob("*.csv"))
+    state: dict[str, object] = {str(f.relative_to(root)): files.file_md5(f) for f in paths}
     for name in ("ridge", "lasso"):
         model = load_sklearn(root / "models" / f"{name}.skops")
         state[name] = (model.coef_.tobytes(), model.intercept_.tobytes())
@@ -309,11 +218,11 @@ def test_forced_rerun_on_cpu_is_bit_identical(pipeline: Path) -> None:
 
 
 def test_exp_run_lasso_alpha_reruns_only_lasso_and_evaluate(pipeline: Path) -> None:
-    before = {r.info.run_id for r in mlflow_runs(pipeline)}
+    before = {r.info.run_id for r in mlflow_runs(default_store(pipeline))}
     out = run(pipeline, "dvc", "exp", "run", "-n", "lasso-0.01", "-S", "baselines.lasso.alpha=0.01").stdout
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train_baseline@lasso", "evaluate"}, out
-    runs = mlflow_runs(pipeline)
+    runs = mlflow_runs(default_store(pipeline))
     new = [r for r in runs if r.info.run_id not in before]
     assert sorted(r.data.tags.get("dvc.stage", "") for r in new) == ["", "evaluate", "train_baseline@lasso"]
     assert all(r.data.tags.get("dvc.exp_name") == "lasso-0.01" for r in new)
@@ -325,7 +234,7 @@ def test_exp_run_lasso_alpha_reruns_only_lasso_and_evaluate(pipeline: Path) -> N
     assert {k for k, v in exp.data.params.items() if v != first.data.params[k]} == {"baselines.lasso.alpha"}
     assert set(exp.data.metrics) == set(first.data.metrics)
     status = {k.split(".")[1]: v for k, v in exp.data.tags.items() if k.endswith(".status")}
-    assert status == {key(s): "ran" if s in ran else "unchanged" for s in ALL_STAGES}
+    assert status == {stage_key(s): "ran" if s in ran else "unchanged" for s in ALL_STAGES}
     previous = parents(runs)[-2]  # the latest pipeline run before the experiment produced the unchanged outputs
     assert exp.data.tags["stage.train_cnn.run_id"] == previous.data.tags["stage.train_cnn.run_id"]
 
@@ -336,7 +245,7 @@ def test_parent_records_stages_restored_from_the_run_cache(pipeline: Path) -> No
     set_params(pipeline / "params.yaml", {"baselines.lasso.alpha": original, "evaluate.batch_size": 77})
     out = run(pipeline, "dvc", "repro").stdout
     assert "Stage 'train_baseline@lasso' is cached" in out, out
-    runs = mlflow_runs(pipeline)
+    runs = mlflow_runs(default_store(pipeline))
     last = parents(runs)[-1]
     assert set(children(runs, last)) == {"evaluate"}
     assert last.data.tags["stage.train_baseline:lasso.status"] == "restored"

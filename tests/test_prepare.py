@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from stages import prepare
-from stages.lib import io
-from tests.mnist_fixture import make_mnist
+from stages.lib import files
+from tests.support.mnist import make_mnist
 
 
 def test_stratified_indices_keep_class_proportions() -> None:
@@ -58,7 +58,7 @@ def test_split_rejects_sizes_that_do_not_fit(val_size: int, limit: int, message:
 
 def _raw(tmp: Path) -> Path:
     path = tmp / "data" / "raw" / "mnist.npz"
-    io.save_arrays(path, make_mnist(300, 50))
+    files.save_arrays(path, make_mnist(300, 50))
     return path
 
 

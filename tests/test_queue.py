@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import ALL_STAGES, _env, children, mlflow_runs, parents, run, tiny_repo
+from tests.support.repo import ALL_STAGES, children, command_env, default_store, mlflow_runs, parents, run, tiny_repo
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 EXPERIMENTS = {"q-ridge-2": "baselines.ridge.alpha=2.0", "q-ridge-3": "baselines.ridge.alpha=3.0"}
 
@@ -39,7 +39,7 @@ def start_workers(root: Path, jobs: int) -> None:
     started = subprocess.run(
         ["dvc", "queue", "start", "-j", str(jobs)],
         cwd=root,
-        env=_env(),
+        env=command_env(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -50,7 +50,7 @@ def start_workers(root: Path, jobs: int) -> None:
 
 def stop_workers(root: Path) -> None:
     """`dvc queue stop`, then end any worker that is still alive (see :func:`start_workers`)."""
-    subprocess.run(["dvc", "queue", "stop"], cwd=root, env=_env(), capture_output=True, timeout=120)
+    subprocess.run(["dvc", "queue", "stop"], cwd=root, env=command_env(), capture_output=True, timeout=120)
     for pid_file in (root / ".dvc" / "tmp" / "exps" / "celery").glob("*.pid"):
         with contextlib.suppress(ValueError, OSError):
             pid = int(pid_file.read_text().strip())
@@ -68,13 +68,15 @@ def test_two_queued_experiments_land_in_the_repository_store(tmp_path: Path) -> 
     finally:
         stop_workers(root)
     logs = "".join(
-        subprocess.run(["dvc", "queue", "logs", name], cwd=root, env=_env(), capture_output=True, text=True).stdout
+        subprocess.run(
+            ["dvc", "queue", "logs", name], cwd=root, env=command_env(), capture_output=True, text=True
+        ).stdout
         for name in EXPERIMENTS
     )
     assert "Failed" not in status, f"{status}\n{logs[-5000:]}"
     assert "database is locked" not in logs
 
-    runs = mlflow_runs(root)  # the repository's mlflow.db, not the workspaces'
+    runs = mlflow_runs(default_store(root))  # the repository's mlflow.db, not the workspaces'
     assert not list((root / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
     by_name = {p.data.tags.get("dvc.exp_name"): p for p in parents(runs)}
     assert set(by_name) == set(EXPERIMENTS)

@@ -10,7 +10,7 @@ import pytest
 from sklearn.linear_model import Ridge
 
 from stages.lib import registry
-from stages.lib.tracking import StageTracker
+from stages.lib.tracking import MlflowTracker
 
 
 @pytest.mark.parametrize(
@@ -47,7 +47,7 @@ def _trained(git_commit: str = "abc123") -> dict[str, str]:
 
     x = np.random.default_rng(0).random((8, 4))
     with mlflow.start_run(tags={"git.commit": git_commit}) as run:
-        uri = StageTracker(run.info.run_id).log_model("sklearn", Ridge().fit(x, x), x[:2], ("scikit-learn",))
+        uri = MlflowTracker(run.info.run_id).log_model("sklearn", Ridge().fit(x, x), x[:2], ("scikit-learn",))
     return {"run_id": run.info.run_id, "model_uri": uri}
 
 

@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import retrain
+from stages.commands import retrain
 from stages.lib.errors import UserError
-from tests.conftest import set_params
-from tests.mlflow_server import mlflow_server
-from tests.test_pipeline import GIT_ENV, tiny_repo
+from tests.support.repo import GIT_ENV, set_params, tiny_repo
+from tests.support.servers import mlflow_server
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 MODEL = "mnist-cnn"
 VENV = Path(sys.executable).parent.parent
@@ -51,7 +50,7 @@ class Flow:
 
     def retrain(self, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         self.outputs.write_text("")
-        return self.run(sys.executable, "-m", "stages.retrain", cwd=cwd, check=check)
+        return self.run(sys.executable, "-m", "stages.commands.retrain", cwd=cwd, check=check)
 
     def github_outputs(self) -> dict[str, str]:
         return dict(line.split("=", 1) for line in self.outputs.read_text().splitlines())
@@ -135,7 +134,7 @@ def test_outputs_round_trip_through_the_remote_into_a_fresh_clone(flow: Flow) ->
     for out in ("data/raw/mnist.npz", "models/cnn.keras", "models/ridge.skops"):
         assert (clone / out).read_bytes() == (flow.root / out).read_bytes(), out
     summary = clone / "out" / "summary.md"  # the summary's place is configurable
-    result = flow.run(sys.executable, "-m", "stages.retrain", "--summary", str(summary), cwd=clone)
+    result = flow.run(sys.executable, "-m", "stages.commands.retrain", "--summary", str(summary), cwd=clone)
     assert result.stdout.startswith("nothing changed since the last run")
     assert "Running stage" not in result.stdout + result.stderr
     assert summary.read_text().startswith("# Retraining: skipped")
@@ -244,9 +243,9 @@ def test_bad_decision_file_names_file_and_fix(tmp_path: Path, content: str | Non
 
 def test_outside_the_repository_root_is_one_clear_error(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "stages.retrain"],
+        [sys.executable, "-m", "stages.commands.retrain"],
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(Path(retrain.__file__).parents[1])},
+        env={**os.environ, "PYTHONPATH": str(Path(retrain.__file__).parents[2])},
         capture_output=True,
         text=True,
     )

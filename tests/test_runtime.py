@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.lib import io, runtime
+from stages.lib import files, runtime
 from stages.lib.errors import UserError
-from tests.conftest import REPO
-from tests.mnist_fixture import make_mnist
+from tests.support.mnist import make_mnist
+from tests.support.repo import REPO
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +60,7 @@ def test_gpu_without_gpu_is_one_clear_error() -> None:
 
 def test_gpu_stage_stops_before_writing_anything(stage_dir: Callable[..., Path]) -> None:
     root = stage_dir({"augment.device": "gpu"})
-    io.save_arrays(root / "train.npz", {"x": make_mnist(20, 1)["x_train"], "y": make_mnist(20, 1)["y_train"]})
+    files.save_arrays(root / "train.npz", {"x": make_mnist(20, 1)["x_train"], "y": make_mnist(20, 1)["y_train"]})
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     args = ["--train", "train.npz", "--out", "out/train.npz", "--preview", "out/preview.png"]
     result = subprocess.run(

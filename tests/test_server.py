@@ -10,12 +10,12 @@ import pytest
 import yaml
 
 from stages import prepare
-from stages.lib import io
-from tests.mlflow_server import mlflow_server
-from tests.mnist_fixture import make_mnist
-from tests.test_pipeline import ALL_STAGES, _env, children, parents, tiny_repo
+from stages.lib import files
+from tests.support.mnist import make_mnist
+from tests.support.repo import ALL_STAGES, children, command_env, parents, tiny_repo
+from tests.support.servers import mlflow_server
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_stage_logs_to_the_server(server: str, stage_dir: Callable[..., Path], m
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     root = stage_dir({"prepare.val_size": 20, "settings.mlflow_experiment": "server-test"})
-    io.save_arrays(root / "mnist.npz", make_mnist(100, 20))
+    files.save_arrays(root / "mnist.npz", make_mnist(100, 20))
     prepare.main(["--raw", "mnist.npz", "--out-dir", "out"])
 
     client = MlflowClient(tracking_uri=server)
@@ -40,7 +40,7 @@ def test_stage_logs_to_the_server(server: str, stage_dir: Callable[..., Path], m
     assert run.info.status == "FINISHED"
     assert run.data.params["prepare.val_size"] == "20"
     assert run.data.metrics["val_size"] == 20
-    assert run.inputs.dataset_inputs[0].dataset.digest == io.file_md5(root / "mnist.npz")
+    assert run.inputs.dataset_inputs[0].dataset.digest == files.file_md5(root / "mnist.npz")
 
 
 def test_pipeline_runs_through_the_server(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -49,7 +49,7 @@ def test_pipeline_runs_through_the_server(tmp_path_factory: pytest.TempPathFacto
 
     root = tiny_repo(tmp_path_factory.mktemp("server-pipeline") / "repo")
     with mlflow_server(tmp_path_factory.mktemp("server-store")) as uri:
-        env = {**_env(), "MLFLOW_TRACKING_URI": uri}
+        env = {**command_env(), "MLFLOW_TRACKING_URI": uri}
         for args in (["dvc", "repro"], ["dvc", "exp", "run", "-n", "ridge-2", "-S", "baselines.ridge.alpha=2.0"]):
             result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
             assert result.returncode == 0, result.stdout + result.stderr

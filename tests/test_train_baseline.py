@@ -17,11 +17,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from stages import train_baseline
-from stages.lib import baselines, cards, io
+from stages.lib import baselines, cards, files
 from stages.lib import params as params_lib
 from stages.lib.errors import UserError
 from stages.lib.preprocess import one_hot, to_flat_input
-from tests.mnist_fixture import make_mnist
+from tests.support.mnist import make_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,8 +147,8 @@ def test_card_refuses_a_model_whose_hash_differs(tmp_path: Path, data: dict[str,
 
 def _prepared(root: Path) -> list[str]:
     d = make_mnist(n_train=300, n_test=100, seed=2)
-    io.save_arrays(root / "data/prepared/train.npz", {"x": d["x_train"], "y": d["y_train"]})
-    io.save_arrays(root / "data/prepared/val.npz", {"x": d["x_test"], "y": d["y_test"]})
+    files.save_arrays(root / "data/prepared/train.npz", {"x": d["x_train"], "y": d["y_train"]})
+    files.save_arrays(root / "data/prepared/val.npz", {"x": d["x_test"], "y": d["y_test"]})
     return ["--train", "data/prepared/train.npz", "--val", "data/prepared/val.npz"]
 
 
@@ -177,7 +177,7 @@ def test_main_writes_model_and_card_and_reads_exactly_its_params(
     assert (card["name"], card["format"], card["input"], card["device"]) == (name, "skops", "flat", "cpu")
     assert card["params"] == view.flat()
     assert set(card["inputs"]) == {"data/prepared/train.npz", "data/prepared/val.npz"}
-    assert card["inputs"]["data/prepared/train.npz"] == io.file_md5(root / "data/prepared/train.npz")
+    assert card["inputs"]["data/prepared/train.npz"] == files.file_md5(root / "data/prepared/train.npz")
     assert card["metrics"]["val_accuracy"] > 0.8 and 0 < card["metrics"]["val_macro_f1"] <= 1
     assert isinstance(baselines.load_sklearn(root / f"models/{name}.skops"), Ridge | Lasso)
 

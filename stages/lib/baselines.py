@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from sklearn.linear_model import Lasso, Ridge
 
-from stages.lib import io
+from stages.lib import files
 from stages.lib.errors import UserError
 
 BASELINES = ("ridge", "lasso")
@@ -102,7 +102,7 @@ def save_sklearn(model: LinearBaseline, path: str | os.PathLike[str]) -> None:
     """Save ``model`` to ``path`` in skops format, atomically."""
     import skops.io
 
-    with io.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         skops.io.dump(model, tmp)
 
 

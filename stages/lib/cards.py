@@ -12,14 +12,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from stages.lib import io
+from stages.lib import files
 from stages.lib.errors import UserError
 
 REQUIRED = ("name", "file", "sha256", "format", "input", "params", "device", "metrics", "inputs", "mlflow_run_id")
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    return io.file_digest(path, "sha256")
+    return files.file_digest(path, "sha256")
 
 
 def write_card(
@@ -52,7 +52,7 @@ def write_card(
         "wall_time_s": round(wall_time_s, 3),
         **(extra or {}),
     }
-    io.write_json(path, card)
+    files.write_json(path, card)
     return card
 
 

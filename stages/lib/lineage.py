@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
-from stages.lib.io import file_md5
-from stages.lib.params import PARAMS_FILE, PIPELINE_FILE, read_yaml, stage_names, stage_spec
+from stages.lib.files import file_md5, read_yaml
+from stages.lib.pipeline import PARAMS_FILE, PIPELINE_FILE, stage_names, stage_spec
 
 LOCK_FILE = "dvc.lock"
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.lib import io
+from stages.lib import files
 from stages.lib.errors import UserError
 from stages.lib.preprocess import IMAGE_SHAPE, NUM_CLASSES
 
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 INPUT_SHAPE = (*IMAGE_SHAPE, 1)
 PRECISIONS = ("float32", "mixed_bfloat16")
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -34,7 +33,7 @@ def feature_map_sizes(
     """Side length of the feature maps after each conv block (and its pooling), for a square image.
 
     A block is ``convs_per_block`` unpadded convolutions (each: side - kernel_size + 1); 2×2 max-pooling
-    with stride 2 follows every block but the last (side // 2). Raises :class:`UserError` when the stack
+    with stride 2 follows every block but the last (side // 2). Raises ``ValueError`` when the stack
     shrinks the image below 1 pixel.
     """
     sizes = []
@@ -44,8 +43,8 @@ def feature_map_sizes(
         if side >= 1 and i < len(filters) - 1:
             side //= 2
         if side < 1:
-            raise UserError(
-                f"train_cnn.filters = {list(filters)} with train_cnn.kernel_size = {kernel_size}: conv layer {i + 1} "
+            raise ValueError(
+                f"filters = {list(filters)} with kernel_size = {kernel_size}: conv layer {i + 1} "
                 f"(with the 2×2 pooling that follows all but the last) shrinks the {image_size}×{image_size} image "
                 "below 1 pixel; use a smaller kernel_size or fewer entries in filters"
                 + (f" or convs_per_block (now {convs_per_block})" if convs_per_block > 1 else "")
@@ -82,8 +81,7 @@ def build_cnn(
     ``batch_norm`` adds BatchNormalization after every conv and after the hidden Dense layer.
     ``lr_decay`` < 1 multiplies the learning rate by that factor after every epoch of ``steps_per_epoch``
     training steps (staircase exponential decay). The defaults (1, False, 1.0) build exactly the model
-    without these options. Raises :class:`UserError` (naming the train_cnn key) for a configuration
-    that cannot work.
+    without these options. Raises ``ValueError`` for a configuration that cannot work.
 
     ``jit_compile`` compiles the training step with XLA (train_cnn asks for it on a GPU only).
     """
@@ -92,15 +90,15 @@ def build_cnn(
 
     feature_map_sizes(filters, kernel_size, convs_per_block=convs_per_block)
     if precision not in PRECISIONS:
-        raise UserError(f"train_cnn.precision = {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        raise ValueError(f"precision = {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if optimizer not in OPTIMIZERS:
-        raise UserError(f"train_cnn.optimizer = {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"optimizer = {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
     if not 0.0 <= dropout < 1.0:
-        raise UserError(f"train_cnn.dropout = {dropout!r}: expected a fraction in [0, 1)")
+        raise ValueError(f"dropout = {dropout!r}: expected a fraction in [0, 1)")
     if not 0.0 < lr_decay <= 1.0:
-        raise UserError(f"train_cnn.lr_decay = {lr_decay!r}: expected a factor in (0, 1]")
+        raise ValueError(f"lr_decay = {lr_decay!r}: expected a factor in (0, 1]")
     if lr_decay < 1.0 and not steps_per_epoch:
-        raise UserError("train_cnn.lr_decay < 1 needs the number of training steps per epoch (steps_per_epoch)")
+        raise ValueError("lr_decay < 1 needs the number of training steps per epoch (steps_per_epoch)")
 
     # The policy is set per layer, not globally, so building one model never changes the next one. It is
     # passed by name: a shared policy object would be saved with its memory address, changing the file bytes.
@@ -155,21 +153,18 @@ def save_cnn(model: keras.Model, path: str | os.PathLike[str]) -> None:
     downstream.
     """
     path = Path(path)
-    with io.atomic_path(path) as tmp, tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmpdir:
-        # Keras insists on the .keras suffix, which the atomic temp file does not have
-        staged = Path(tmpdir) / "model.keras"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmpdir:
+        staged = Path(tmpdir) / "model.keras"  # Keras insists on the .keras suffix
         model.save(staged)
-        with zipfile.ZipFile(staged) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as dst:
+        with zipfile.ZipFile(staged) as src, files.deterministic_zip(path) as dst:
             for member in src.infolist():
                 data = src.read(member)
                 if member.filename == "metadata.json":
                     metadata = json.loads(data)
                     metadata.pop("date_saved", None)
                     data = json.dumps(metadata, sort_keys=True).encode("utf-8")
-                info = zipfile.ZipInfo(member.filename, date_time=_ZIP_EPOCH)
-                info.external_attr = 0o644 << 16
-                info.compress_type = member.compress_type
-                dst.writestr(info, data)
+                dst.write(member.filename, data, member.compress_type)
 
 
 def load_cnn(path: str | os.PathLike[str]) -> keras.Model:

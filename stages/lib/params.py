@@ -10,18 +10,16 @@ that a stage reads exactly what it declares.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from stages.lib.errors import UserError
+from stages.lib.files import read_yaml
+from stages.lib.pipeline import PARAMS_FILE, PIPELINE_FILE, declared_params
 
-PARAMS_FILE = "params.yaml"
-PIPELINE_FILE = "dvc.yaml"
 SETTINGS = "settings"  # read by every stage, declared by none: changing it re-runs nothing
 
 
@@ -171,20 +169,6 @@ class AllParams(_Section):
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def read_yaml(path: Path, what: str) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: {what} not found; run the stage from the repository root") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise UserError(f"{path}{where}: not valid YAML ({problem}); fix the syntax") from None
-
-
 def _format_errors(path: Path, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
@@ -210,59 +194,6 @@ def validate(data: Any, path: Path) -> AllParams:
         raise UserError(_format_errors(path, exc)) from None
 
 
-_TEMPLATE = re.compile(r"\$\{\s*(item|key)\s*\}")
-
-
-def stage_spec(stage: str, pipeline: Mapping[str, Any], pipeline_path: str = PIPELINE_FILE) -> dict[str, Any]:
-    """The dvc.yaml definition of ``stage`` (``cmd``, ``deps``, ``params``, ...), with ``${item}`` filled in.
-
-    Supports ``foreach`` over a list (stage ``name@item``), the form dvc.yaml uses for the baselines.
-    """
-    name, _, item = stage.partition("@")
-    stages = pipeline.get("stages") or {}
-    if name not in stages:
-        raise UserError(f"{pipeline_path}: no stage named '{name}' (stages: {', '.join(stages)})")
-    spec = stages[name]
-    if "foreach" in spec:
-        if not item or item not in [str(v) for v in spec["foreach"]]:
-            raise UserError(
-                f"{pipeline_path}: stage '{name}' is a foreach over {spec['foreach']}; name one as {name}@<item>"
-            )
-        spec = spec["do"]
-    elif item:
-        raise UserError(f"{pipeline_path}: stage '{name}' has no foreach, so '{stage}' does not exist")
-    return _fill(spec, item)
-
-
-def _fill(node: Any, item: str) -> Any:
-    if isinstance(node, str):
-        return _TEMPLATE.sub(item, node)
-    if isinstance(node, Mapping):
-        return {_fill(k, item): _fill(v, item) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fill(v, item) for v in node]
-    return node
-
-
-def stage_names(pipeline: Mapping[str, Any]) -> list[str]:
-    """Every stage of dvc.yaml in file order, a foreach expanded to ``name@item`` (DVC's names)."""
-    names: list[str] = []
-    for name, spec in (pipeline.get("stages") or {}).items():
-        names += [f"{name}@{item}" for item in spec["foreach"]] if "foreach" in spec else [name]
-    return names
-
-
-def declared_params(stage: str, pipeline: Mapping[str, Any], pipeline_path: str = PIPELINE_FILE) -> tuple[str, ...]:
-    """The params keys (of params.yaml) that dvc.yaml declares for ``stage``, e.g. ``("base.seed", "augment")``."""
-    keys: list[str] = []
-    for entry in stage_spec(stage, pipeline, pipeline_path).get("params") or []:
-        if isinstance(entry, str):
-            keys.append(entry)
-        elif isinstance(entry, Mapping):
-            keys.extend(entry.get(PARAMS_FILE) or [])
-    return tuple(keys)
-
-
 class StageParams:
     """Read-only view of the params one stage declares (plus ``settings``); records the leaf keys it reads."""
 
@@ -274,6 +205,25 @@ class StageParams:
         self._declared = declared
         self._path = path
         self._reads: set[str] = set() if reads is None else reads
+
+    @property
+    def stage(self) -> str:
+        """The stage this view belongs to."""
+        return self._stage
+
+    @property
+    def device_section(self) -> str:
+        """The declared section that holds the stage's ``device`` (``augment``, ``baselines.ridge``)."""
+        for key in self._declared:
+            node: Any = self._model
+            for part in key.split("."):
+                node = getattr(node, part)
+            if isinstance(node, BaseModel) and "device" in type(node).model_fields:
+                return key
+        raise UserError(
+            f"{PIPELINE_FILE}: stage '{self._stage}' declares no params section with a device key; "
+            "add its section (e.g. train_cnn) to the stage's params: list"
+        )
 
     def _allowed(self, key: str) -> bool:
         if key.split(".")[0] == SETTINGS:
@@ -330,6 +280,12 @@ def _flatten(key: str, value: Any, out: dict[str, Any]) -> None:
         out[key] = value
 
 
+def read_all(root: str | os.PathLike[str] = ".") -> AllParams:
+    """Every section of ``params.yaml``, validated, for code outside a stage (benchmarks, commands)."""
+    path = Path(root) / PARAMS_FILE
+    return validate(read_yaml(path, "params file"), path)
+
+
 def load(stage: str, root: str | os.PathLike[str] = ".") -> StageParams:
     """Validate ``params.yaml`` and return the view of the keys ``dvc.yaml`` declares for ``stage``.
 
@@ -344,7 +300,7 @@ def load(stage: str, root: str | os.PathLike[str] = ".") -> StageParams:
             f"fix that stage's cmd in {PIPELINE_FILE}"
         )
     params_path = root / PARAMS_FILE
-    model = validate(read_yaml(params_path, "params file"), params_path)
+    model = read_all(root)
     pipeline = read_yaml(root / PIPELINE_FILE, "pipeline file") or {}
     declared = declared_params(stage, pipeline, str(root / PIPELINE_FILE))
     for key in declared:

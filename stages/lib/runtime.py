@@ -11,21 +11,23 @@ The resolved device (``cpu`` or the GPU's name) is returned so the stage records
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stages.lib import params as params_lib
+from stages.lib import pipeline
 from stages.lib.errors import UserError
 
 if TYPE_CHECKING:
-    from stages.lib.tracking import StageTracker
+    from stages.lib.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -127,50 +129,60 @@ def seed_everything(seed: int, tensorflow: bool = False) -> None:
 
 @dataclass
 class StageContext:
-    """What a stage's ``main`` gets: its name, its params view, the resolved device, its tracker."""
+    """What a stage's ``run`` gets: its name, its params view, the resolved device, its tracker.
+
+    Tests build one directly, with a params view of a temporary params.yaml and the :class:`Tracker` base
+    class, which records nothing.
+    """
 
     stage: str
     params: params_lib.StageParams
     device: str
-    tracker: StageTracker
+    tracker: Tracker
 
 
-def run_stage(
-    stage: str,
-    section: str,
-    body: Callable[[StageContext], None],
-    *,
-    uses_tensorflow: bool,
-    system_metrics: bool = False,
-) -> None:
-    """Run one stage: load params, apply the device, open its tracking run, call ``body``.
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[StageContext]:
+    """Enter stage ``name`` (``augment``, ``train_baseline@ridge``): load its params, apply its device, open
+    its MLflow run; yield its :class:`StageContext`.
 
-    ``section`` is the params section holding the stage's ``device`` (``augment``, ``baselines.ridge``).
-    ``system_metrics``: sample CPU, memory and GPU use into the run (the training stages).
-    An error the user can fix (:class:`UserError`) ends the process with one log line and exit code 1.
+    An error the user can fix (:class:`UserError`), raised here or in the block, ends the process with one
+    log line and exit code 1.
     """
     configure_logging()
     # TensorFlow's C++ INFO/WARNING lines (oneDNN, CPU features) drown the stage's log; errors still show
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        params = params_lib.load(stage)
-        configure_logging(params.settings.log_level)
-        view = params
-        for part in section.split("."):
-            view = getattr(view, part)
-        device = resolve_device(stage, f"{section}.device", view.device, uses_tensorflow)
-
+        params, device = load_stage(name)
         from stages.lib import tracking
 
-        with tracking.stage_run(stage, params, device, system_metrics=system_metrics) as tracker:
-            body(StageContext(stage, params, device, tracker))
-            unread = sorted(set(params.flat()) - params.reads)
-            if unread:
-                # A declared key the stage never reads re-runs it for nothing
-                log.warning(
-                    "%s declares params it never read: %s; remove them from its params: in dvc.yaml", stage, unread
-                )
-                tracker.set_tags({"params.unread": ",".join(unread)})
+        settings = pipeline.settings(name)
+        with tracking.stage_run(name, params, device, system_metrics=settings.system_metrics) as tracker:
+            yield StageContext(name, params, device, tracker)
+            warn_unread(params, tracker)
     except UserError as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
+
+
+def load_stage(name: str) -> tuple[params_lib.StageParams, str]:
+    """Load stage ``name``'s params (from the working directory), set the log level they name and apply
+    the stage's ``device`` setting; return the params view and the device used."""
+    params = params_lib.load(name)
+    configure_logging(params.settings.log_level)
+    section: Any = params
+    for part in params.device_section.split("."):
+        section = getattr(section, part)
+    uses_tensorflow = pipeline.settings(name).uses_tensorflow
+    return params, resolve_device(name, f"{params.device_section}.device", section.device, uses_tensorflow)
+
+
+def warn_unread(params: params_lib.StageParams, tracker: Tracker) -> None:
+    """Warn (and tag the run) when the stage never read a key it declares: a change to it re-runs the stage
+    for nothing."""
+    unread = sorted(set(params.flat()) - params.reads)
+    if unread:
+        log.warning(
+            "%s declares params it never read: %s; remove them from its params: in dvc.yaml", params.stage, unread
+        )
+        tracker.set_tags({"params.unread": ",".join(unread)})

@@ -35,7 +35,7 @@ from typing import Any
 
 from stages.lib import lineage
 from stages.lib.errors import UserError
-from stages.lib.io import file_md5
+from stages.lib.files import file_md5
 from stages.lib.params import StageParams
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,42 @@ def _param_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-class StageTracker:
-    """Logging calls a stage makes on its MLflow run."""
+class Tracker:
+    """What a stage records about its run. This base class records nothing: a stage's ``run`` works with it
+    outside MLflow (unit tests); :class:`MlflowTracker` records to MLflow."""
+
+    run_id = ""
+    enabled = False  # whether runs and models go to MLflow (and so whether there is a registry)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Add ``metrics`` to the stage's run (at ``step``, e.g. the epoch)."""
+
+    def log_metrics_to_run(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        """Add ``metrics`` to another run (a model's training run)."""
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Attach the file ``path`` to the run."""
+
+    def log_input(self, path: str | os.PathLike[str], context: str) -> str:
+        """Record the data input ``path``; return its DVC hash (md5 of the file)."""
+        return file_md5(path)
+
+    def log_inputs(self, paths: Mapping[str, str | os.PathLike[str]]) -> dict[str, str]:
+        """:meth:`log_input` of each ``{context: path}``; return ``{path: DVC hash}`` (a model card's inputs)."""
+        return {str(path): self.log_input(path, context=context) for context, path in paths.items()}
+
+    def log_model(self, flavor: str, model: Any, input_example: Any, packages: tuple[str, ...], **kwargs: Any) -> str:
+        """Log ``model`` as the run's MLflow model; return its URI ("" when nothing is tracked)."""
+        return ""
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Tag the run."""
+
+
+class MlflowTracker(Tracker):
+    """A stage's MLflow run (the active run of this process)."""
+
+    enabled = True
 
     def __init__(self, run_id: str):
         self.run_id = run_id
@@ -139,7 +173,7 @@ class StageTracker:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_metrics_to_run(self, run_id: str, metrics: Mapping[str, float]) -> None:
-        """Add ``metrics`` to another run of the store (a model's training run); warn if it is not there."""
+        """Add ``metrics`` to another run of the store; warn if it is not there."""
         from mlflow.entities import Metric
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
@@ -176,7 +210,7 @@ class StageTracker:
 
     def log_model(self, flavor: str, model: Any, input_example: Any, packages: tuple[str, ...], **kwargs: Any) -> str:
         """Log ``model`` as this run's MLflow model (artifact ``model``) with the ``flavor`` module
-        (``keras``, ``sklearn``), a signature inferred from ``input_example`` and the model's output on it,
+        (``tensorflow``, ``sklearn``), a signature inferred from ``input_example`` and the model's output on it,
         and ``packages`` pinned to their installed versions as requirements (MLflow would otherwise infer
         them in a subprocess). Returns the model's URI."""
         import importlib
@@ -273,7 +307,7 @@ def _stage_tags(tags: Mapping[str, str], suffix: str) -> dict[str, str]:
     }
 
 
-class Pipeline:
+class ParentRun:
     """The parent run of one ``dvc`` invocation in the workspace ``workspace`` (found or created)."""
 
     def __init__(self, experiment_id: str, invocation: lineage.Invocation, workspace: Path, params: StageParams):
@@ -380,7 +414,7 @@ class Pipeline:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: StageParams, device: str, *, system_metrics: bool = False) -> Iterator[StageTracker]:
+def stage_run(stage: str, params: StageParams, device: str, *, system_metrics: bool = False) -> Iterator[MlflowTracker]:
     """Open the MLflow run of one stage (a child of its invocation's parent when DVC runs it), log its
     declared params and tags, and yield its tracker; on exit, record the pipeline's state in the parent.
 
@@ -401,7 +435,7 @@ def stage_run(stage: str, params: StageParams, device: str, *, system_metrics: b
         experiment_id = _experiment_id(name, uri, root)
     stage_hash = lineage.stage_hash(stage, workspace) if os.environ.get("DVC_STAGE") else None
     invocation = lineage.dvc_invocation() if stage_hash else None
-    pipeline = Pipeline(experiment_id, invocation, workspace, params) if invocation else None
+    pipeline = ParentRun(experiment_id, invocation, workspace, params) if invocation else None
 
     tags = {"dvc.stage": stage, "git.commit": git_commit(workspace), "device": device}
     if stage_hash:
@@ -420,7 +454,7 @@ def stage_run(stage: str, params: StageParams, device: str, *, system_metrics: b
         ) as run:
             mlflow.log_params({k: _param_value(v) for k, v in params.flat().items()})
             log.info("MLflow run %s (experiment '%s', %s)", run.info.run_id, name, redact_uri(uri))
-            yield StageTracker(run.info.run_id)
+            yield MlflowTracker(run.info.run_id)
         status = "FINISHED"
     finally:
         if pipeline is not None:

@@ -1,6 +1,6 @@
 """MNIST fixtures in every format fetch reads, and a loopback HTTP server that can misbehave on request.
 
-Everything is generated from tests.mnist_fixture.make_mnist; nothing touches the network.
+Everything is generated from tests.support.mnist.make_mnist; nothing touches the network.
 """
 
 from __future__ import annotations

@@ -16,14 +16,14 @@ import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
+import yaml
 
 from stages.lib.errors import UserError
 
-# Fixed member timestamp: np.savez stamps the current time, which would make equal arrays differ in bytes
-# (and so re-run every downstream DVC stage).
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip member can carry
 
 
 def _umask() -> int:
@@ -64,13 +64,63 @@ def write_json(target: str | os.PathLike[str], obj: object) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_yaml(path: str | os.PathLike[str], what: str, *, missing_ok: bool = False) -> Any:
+    """Parse the YAML file ``path`` (a ``what``: "params file"); raise :class:`UserError` naming the file, and the
+    line and column of a syntax error. With ``missing_ok``, a missing file reads as None."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise UserError(f"{path}: {what} not found; run the stage from the repository root") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{path}{where}: not valid YAML ({problem}); fix the syntax") from None
+
+
+class ZipMembers:
+    """The members of a zip archive being written by :func:`deterministic_zip`: fixed time, mode and order."""
+
+    def __init__(self, archive: zipfile.ZipFile):
+        self._archive = archive
+
+    @staticmethod
+    def _info(name: str, compress_type: int) -> zipfile.ZipInfo:
+        info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+        info.external_attr = 0o644 << 16
+        info.compress_type = compress_type
+        return info
+
+    def write(self, name: str, data: bytes, compress_type: int = zipfile.ZIP_STORED) -> None:
+        """Add member ``name`` holding ``data``."""
+        self._archive.writestr(self._info(name, compress_type), data)
+
+    def open(self, name: str) -> IO[bytes]:
+        """Add member ``name`` (stored, zip64) and return it open for writing: for contents streamed in parts."""
+        return self._archive.open(self._info(name, zipfile.ZIP_STORED), "w", force_zip64=True)
+
+
+@contextlib.contextmanager
+def deterministic_zip(target: str | os.PathLike[str]) -> Iterator[ZipMembers]:
+    """Write a zip archive to ``target`` atomically, its bytes a function of the members added, in order.
+
+    Every member gets the same timestamp and permissions (zip tools stamp the current time, which would
+    make equal content differ in bytes and re-run every downstream DVC stage).
+    """
+    with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        yield ZipMembers(archive)
+
+
 def save_arrays(target: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> None:
     """Save named arrays as an uncompressed ``.npz`` whose bytes depend only on the arrays, atomically."""
-    with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with deterministic_zip(target) as members:
         for name, array in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
-            info.external_attr = 0o644 << 16
-            with zf.open(info, "w", force_zip64=True) as member:
+            with members.open(f"{name}.npy") as member:
                 np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
 
 

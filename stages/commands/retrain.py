@@ -1,6 +1,6 @@
 """retrain: re-run the pipeline only when something changed, and report whether the new CNN was promoted.
 
-A command (``make retrain``, ``python -m stages.retrain``), not a DVC stage: it drives ``dvc repro`` and is
+A command (``make retrain``, ``python -m stages.commands.retrain``), not a DVC stage: it drives ``dvc repro`` and is
 run at the repository root, by hand or by the scheduled workflow ``.github/workflows/retrain.yml``.
 
 1. ``dvc status --json`` lists the stages whose code, params or data deps differ from dvc.lock, or whose
@@ -44,9 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from stages.lib import io
+from stages.lib import files
 from stages.lib.errors import UserError
 from stages.lib.lineage import LOCK_FILE
 from stages.lib.params import PARAMS_FILE
@@ -145,7 +143,7 @@ def drop_rows(table: str, marker: str) -> tuple[str, int]:
 
 
 @dataclass
-class Baseline:
+class Reference:
     """The git revision the diffs compare against, and why that one."""
 
     rev: str
@@ -155,7 +153,7 @@ class Baseline:
 def render_summary(
     decision: Mapping[str, Any] | None,
     changes: Sequence[str],
-    baseline: Baseline,
+    reference: Reference,
     metrics_diff: str,
     params_diff: str,
 ) -> str:
@@ -184,15 +182,15 @@ def render_summary(
         if facts:
             out += ["; ".join(facts).capitalize() + ".", ""]
     out += ["## What changed", ""] + [f"- {line}" for line in changes] + [""]
-    out += [f"## Metrics against `{baseline.rev}`", "", f"`dvc metrics diff {baseline.rev}` ({baseline.why}):", ""]
+    out += [f"## Metrics against `{reference.rev}`", "", f"`dvc metrics diff {reference.rev}` ({reference.why}):", ""]
     metrics_diff, dropped = drop_rows(metrics_diff.strip(), PER_CLASS)
     out += [metrics_diff or "No metric changed.", ""]
     if dropped:
         out += [
-            f"({dropped} per-class precision and recall rows left out: `dvc metrics diff {baseline.rev}` shows them.)",
+            f"({dropped} per-class precision and recall rows left out: `dvc metrics diff {reference.rev}` shows them.)",
             "",
         ]
-    out += [f"## Params against `{baseline.rev}`", "", f"`dvc params diff {baseline.rev}`:", ""]
+    out += [f"## Params against `{reference.rev}`", "", f"`dvc params diff {reference.rev}`:", ""]
     out += [params_diff.strip() or "No param changed.", ""]
     return "\n".join(out)
 
@@ -228,15 +226,9 @@ def dvc_status(root: Path) -> dict[str, Any]:
         raise UserError(f"`dvc status --json` printed no JSON in {root}: {result.stdout[:200]!r}") from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(
-            f"{path}: cannot read it as YAML ({exc}); fix or restore it (git checkout {path.name})"
-        ) from None
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping; {} when the file is missing (no dvc.lock before the first run)."""
+    data = files.read_yaml(path, path.name, missing_ok=True)
     return data if isinstance(data, dict) else {}
 
 
@@ -295,7 +287,7 @@ def _short(root: Path, rev: str) -> str:
     return result.stdout.strip() if result.returncode == 0 else rev
 
 
-def choose_baseline(root: Path, decision: Mapping[str, Any] | None, model: str) -> Baseline:
+def choose_reference(root: Path, decision: Mapping[str, Any] | None, model: str) -> Reference:
     """The commit that holds the results of the champion the new model was compared with.
 
     Training at commit C (often with uncommitted changes) writes a dvc.lock and metrics that a later commit
@@ -303,23 +295,23 @@ def choose_baseline(root: Path, decision: Mapping[str, Any] | None, model: str) 
     for one). Without such a commit, C itself; HEAD when there is no champion or C is not in this clone.
     """
     if decision is not None and decision["champion_version"] is None:
-        return Baseline("HEAD", "there was no champion before this run")
+        return Reference("HEAD", "there was no champion before this run")
     version = None if decision is None else str(decision["champion_version"])
     commit = champion_commit(root, model, version)
     if commit is None:
-        return Baseline("HEAD", f"the registry names no commit for the {model} champion")
+        return Reference("HEAD", f"the registry names no commit for the {model} champion")
     if not _has_commit(root, commit):
-        return Baseline("HEAD", f"the champion's commit {commit} is not in this clone's history")
+        return Reference("HEAD", f"the champion's commit {commit} is not in this clone's history")
     later = _run(root, "git", "log", "--reverse", "--ancestry-path", "--format=%H", f"{commit}..HEAD", "--", LOCK_FILE)
     recorded = later.stdout.split() if later.returncode == 0 else []
     trained_at = _short(root, commit)
     if recorded:
-        return Baseline(
+        return Reference(
             _short(root, recorded[0]),
             f"the first commit of {LOCK_FILE} after {trained_at}, where the {model} champion was trained: "
             "it holds the champion's results",
         )
-    return Baseline(trained_at, f"the commit the {model} champion was trained at; no later commit changed {LOCK_FILE}")
+    return Reference(trained_at, f"the commit the {model} champion was trained at; no later commit changed {LOCK_FILE}")
 
 
 def dvc_diff(root: Path, kind: str, rev: str) -> str:
@@ -348,8 +340,8 @@ def retrain(root: Path, summary: Path, decision_file: Path) -> None:
         raise UserError(f"{root}: no dvc.yaml here; run `make retrain` at the repository root")
     status = dvc_status(root)
     if not status:
-        message = skip_message(_read_yaml(root / LOCK_FILE))
-        io.write_text(summary, f"# Retraining: skipped\n\n{message}.\n")
+        message = skip_message(_read_mapping(root / LOCK_FILE))
+        files.write_text(summary, f"# Retraining: skipped\n\n{message}.\n")
         set_github_outputs({"decision": "skipped", "summary": str(summary)})
         _say(message)
         return
@@ -366,23 +358,23 @@ def retrain(root: Path, summary: Path, decision_file: Path) -> None:
         )
     after = _stamp(decision_file)
     decision = read_decision(decision_file) if after is not None and after != before else None
-    settings = _read_yaml(root / PARAMS_FILE).get("settings") or {}
+    settings = _read_mapping(root / PARAMS_FILE).get("settings") or {}
     model = decision["model"] if decision else settings.get("registered_model", DEFAULT_MODEL)
 
     errors = []
     try:
-        baseline = choose_baseline(root, decision, model)
+        reference = choose_reference(root, decision, model)
     except UserError as exc:
         errors.append(str(exc))
-        baseline = Baseline("HEAD", "the registry could not be read")
+        reference = Reference("HEAD", "the registry could not be read")
     diffs = []
     for kind in ("metrics", "params"):
         try:
-            diffs.append(dvc_diff(root, kind, baseline.rev))
+            diffs.append(dvc_diff(root, kind, reference.rev))
         except UserError as exc:
             errors.append(str(exc))
             diffs.append(f"Not available: {exc}")
-    io.write_text(summary, render_summary(decision, changes, baseline, *diffs))
+    files.write_text(summary, render_summary(decision, changes, reference, *diffs))
     set_github_outputs(
         {
             "decision": decision["decision"] if decision else "not_evaluated",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.lib import io
+from stages.lib import files
 from stages.lib.errors import UserError
 
 SPEC = {"x": ((None, 28, 28), "uint8"), "y": ((None,), "uint8")}
@@ -20,18 +20,18 @@ def _arrays(n: int = 5) -> dict[str, np.ndarray]:
 
 
 def test_save_arrays_round_trip_and_bytes_do_not_depend_on_time(tmp_path: Path) -> None:
-    io.save_arrays(tmp_path / "a.npz", _arrays())
+    files.save_arrays(tmp_path / "a.npz", _arrays())
     time.sleep(2.1)  # zip timestamps have 2 s resolution
-    io.save_arrays(tmp_path / "b.npz", _arrays())
+    files.save_arrays(tmp_path / "b.npz", _arrays())
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
-    loaded = io.load_arrays(tmp_path / "a.npz", SPEC, stage="prepare")
+    loaded = files.load_arrays(tmp_path / "a.npz", SPEC, stage="prepare")
     np.testing.assert_array_equal(loaded["x"], _arrays()["x"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "b.npz"]
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "out" / "file.bin"
-    with pytest.raises(RuntimeError), io.atomic_path(target) as tmp:
+    with pytest.raises(RuntimeError), files.atomic_path(target) as tmp:
         tmp.write_bytes(b"half")
         raise RuntimeError("interrupted")
     assert not target.exists()
@@ -40,8 +40,8 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
 
 def test_atomic_write_replaces_existing(tmp_path: Path) -> None:
     target = tmp_path / "f.json"
-    io.write_json(target, {"b": 1, "a": 2})
-    io.write_json(target, {"a": 3})
+    files.write_json(target, {"b": 1, "a": 2})
+    files.write_json(target, {"a": 3})
     assert target.read_text() == '{\n  "a": 3\n}\n'
     assert list(tmp_path.iterdir()) == [target]
     assert target.stat().st_mode & 0o644 == 0o644
@@ -49,21 +49,21 @@ def test_atomic_write_replaces_existing(tmp_path: Path) -> None:
 
 def test_load_arrays_missing_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"not found\. Re-create it with `dvc repro --force prepare`"):
-        io.load_arrays(tmp_path / "nope.npz", SPEC, stage="prepare")
+        files.load_arrays(tmp_path / "nope.npz", SPEC, stage="prepare")
 
 
 def test_load_arrays_truncated(tmp_path: Path) -> None:
-    io.save_arrays(tmp_path / "a.npz", _arrays())
+    files.save_arrays(tmp_path / "a.npz", _arrays())
     data = (tmp_path / "a.npz").read_bytes()
     (tmp_path / "a.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match=r"a.npz: cannot read it.*dvc repro --force prepare"):
-        io.load_arrays(tmp_path / "a.npz", SPEC, stage="prepare")
+        files.load_arrays(tmp_path / "a.npz", SPEC, stage="prepare")
 
 
 def test_load_arrays_not_an_archive(tmp_path: Path) -> None:
     (tmp_path / "a.npz").write_text("hello")
     with pytest.raises(UserError, match="cannot read it"):
-        io.load_arrays(tmp_path / "a.npz", SPEC, stage="prepare")
+        files.load_arrays(tmp_path / "a.npz", SPEC, stage="prepare")
 
 
 @pytest.mark.parametrize(
@@ -76,11 +76,11 @@ def test_load_arrays_not_an_archive(tmp_path: Path) -> None:
     ],
 )
 def test_load_arrays_wrong_layout(tmp_path: Path, arrays: dict, message: str) -> None:
-    io.save_arrays(tmp_path / "a.npz", arrays)
+    files.save_arrays(tmp_path / "a.npz", arrays)
     with pytest.raises(UserError, match=message):
-        io.load_arrays(tmp_path / "a.npz", SPEC, stage="augment")
+        files.load_arrays(tmp_path / "a.npz", SPEC, stage="augment")
 
 
 def test_file_md5_matches_dvc(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"abc")
-    assert io.file_md5(tmp_path / "f") == "900150983cd24fb0d6963f7d28e17f72"
+    assert files.file_md5(tmp_path / "f") == "900150983cd24fb0d6963f7d28e17f72"
