@@ -7,17 +7,20 @@ same preprocessing function its training used. Writes:
 
 - ``--metrics`` (JSON): per model ``test_accuracy``, ``test_macro_f1``, ``test_log_loss`` (only for models
   that output class probabilities) and ``per_class`` precision and recall;
-- ``--report`` (Markdown): a comparison table, with each model's validation accuracy, training time and
-  device taken from its card;
+- ``--report`` (Markdown): a comparison table, with each model's validation accuracy and training device
+  taken from its card;
 - ``<plots-dir>/confusion_<NAME>.csv`` (``actual,predicted``, one row per test image, for DVC's
   confusion template) and ``<plots-dir>/misclassified.png`` (misclassified test digits of the CNN).
 
 MLflow: the evaluate run gets ``<NAME>.test_accuracy`` etc. and the outputs as artifacts; each model's
-training run (id from its card) gets ``test_accuracy``, ``test_macro_f1``, ``test_log_loss``, so the
-compare view lines the models up.
+training run gets ``test_accuracy``, ``test_macro_f1``, ``test_log_loss``, so the compare view lines the
+models up. That run, and the MLflow model to register, come from the model's run record
+(``<NAME>.run.json``), which evaluate reads but does not depend on: it changes on every training run, and
+none of this stage's outputs depend on it.
 
-Promotion (:mod:`stages.lib.registry`): the CNN is registered as a version of ``settings.registered_model``
-and becomes the ``champion`` only when it beats the current one by ``evaluate.promotion_margin``. The
+Promotion (:mod:`stages.lib.registry`): the CNN is registered as a version of ``settings.registered_model``;
+which version is ``champion`` follows the registry's rule (a version takes over when it beats the
+champion by ``evaluate.promotion_margin``). The
 decision goes to ``--decision`` (JSON, default ``promotion.json``) and to the run's ``promotion.*`` tags.
 That file is not a DVC output: it depends on the registry's state, not only on this stage's inputs.
 """
@@ -141,6 +144,28 @@ def misclassified_figure(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndar
     return fig
 
 
+def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, model: str) -> Figure:
+    """The confusion matrix of one model as a picture: counts per (actual, predicted) digit, the diagonal the
+    correct ones, each cell labelled."""
+    from matplotlib.figure import Figure
+
+    counts = np.zeros((len(LABELS), len(LABELS)), dtype=np.int64)
+    np.add.at(counts, (y_true, y_pred), 1)
+    fig = Figure(figsize=(5.6, 5.0), layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(counts, cmap="Blues")
+    for (actual, predicted), n in np.ndenumerate(counts):
+        if n:
+            light = n > counts.max() / 2
+            ax.text(
+                predicted, actual, str(n), ha="center", va="center", fontsize=7, color="white" if light else "black"
+            )
+    ax.set(xticks=LABELS, yticks=LABELS, xlabel="predicted digit", ylabel="actual digit")
+    accuracy = np.trace(counts) / max(len(y_true), 1)
+    ax.set_title(f"{model}: confusion on {len(y_true)} test images (accuracy {accuracy:.4f})", fontsize=9)
+    return fig
+
+
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -154,10 +179,11 @@ def report_markdown(results: dict[str, dict[str, Any]], model_cards: dict[str, d
     lines = [
         "# Model comparison on the test set",
         "",
-        f"{n_test} held-out test images; validation accuracy, training time and device come from each model's card.",
+        f"{n_test} held-out test images; validation accuracy and training device come from each model's card "
+        "(training times are in MLflow and each model's run record).",
         "",
-        "| model | test accuracy | macro F1 | log loss | validation accuracy | train wall time (s) | train device |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| model | test accuracy | macro F1 | log loss | validation accuracy | train device |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     no_log_loss = []
     for name, metrics in results.items():
@@ -167,7 +193,7 @@ def report_markdown(results: dict[str, dict[str, Any]], model_cards: dict[str, d
         log_loss_cell = _fmt(metrics.get("test_log_loss")) + ("" if "test_log_loss" in metrics else " ¹")
         lines.append(
             f"| {name} | {_fmt(metrics['test_accuracy'])} | {_fmt(metrics['test_macro_f1'])} | {log_loss_cell} "
-            f"| {_fmt(card['metrics'].get('val_accuracy'))} | {_fmt(card.get('wall_time_s'), 1)} | {card['device']} |"
+            f"| {_fmt(card['metrics'].get('val_accuracy'))} | {card['device']} |"
         )
     if no_log_loss:
         lines += [
@@ -254,22 +280,19 @@ def track(
 
 
 def promote(
-    ctx: runtime.StageContext, card: dict[str, Any], accuracy: float, margin: float, decision_path: Path
+    ctx: runtime.StageContext, run: dict[str, Any], accuracy: float, margin: float, decision_path: Path
 ) -> None:
-    """Register the CNN and apply the promotion rule; write and log the decision (without MLflow, nothing)."""
+    """Register the CNN of the training run ``run`` (its run record) and apply the promotion rule; write and
+    log the decision (without MLflow, nothing)."""
     if not ctx.tracker.enabled:
         return
-    if not card.get("mlflow_model_uri"):
+    if not run.get("mlflow_model_uri"):
         raise UserError(
-            "models/cnn.json names no MLflow model (mlflow_model_uri), so it cannot be registered; "
-            "re-train it: dvc repro --force train_cnn"
+            "models/cnn.run.json names no MLflow model (mlflow_model_uri), so it cannot be registered; "
+            "re-train it with MLflow tracking: dvc repro --force train_cnn"
         )
     decision = registry.promote(
-        ctx.params.settings.registered_model,
-        card["mlflow_model_uri"],
-        card["mlflow_run_id"],
-        accuracy,
-        margin,
+        ctx.params.settings.registered_model, run["mlflow_model_uri"], run["mlflow_run_id"], accuracy, margin
     )
     files.write_json(decision_path, decision)
     ctx.tracker.set_tags({f"promotion.{k}": str(v) for k, v in decision.items() if k != "run_id"})
@@ -294,13 +317,16 @@ def run(args: argparse.Namespace, ctx: runtime.StageContext) -> None:
     files.write_text(args.report, report_markdown(results, model_cards, len(y_test)))
     plots = write_plots(args.plots_dir, x_test, y_test, predictions, p.misclassified_grid)
 
-    track(ctx, results, model_cards)
+    runs = {name: cards.read_run(path) for name, path in args.model}
+    track(ctx, results, runs)
+    for name, y_pred in predictions.items():
+        ctx.tracker.log_figure(confusion_figure(y_test, y_pred, name), f"plots/confusion_{name}.png")
     for path in (args.metrics, args.report):
         ctx.tracker.log_artifact(path)
     for path in plots:
         ctx.tracker.log_artifact(path, artifact_path="plots")
     if CNN in results:
-        promote(ctx, model_cards[CNN], results[CNN]["test_accuracy"], p.promotion_margin, args.decision)
+        promote(ctx, runs[CNN], results[CNN]["test_accuracy"], p.promotion_margin, args.decision)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,8 +2,9 @@
 
 Run as ``train_baseline@ridge`` / ``train_baseline@lasso`` (``--name``). Reads ``train.npz`` and ``val.npz``
 from prepare (the prepared training split, not the augmented one, so augmentation never re-runs it) and
-params ``baselines.<name>.*`` only. Writes the model in skops format (``--model``) and its card
-(``--card``: file hash, params, device, validation metrics, input hashes, MLflow run id, training time).
+params ``baselines.<name>.*`` only. Writes the model in skops format (``--model``), its card (``--card``:
+file hash, params, device, validation metrics, input hashes, environment) and its run record (``--run``:
+MLflow run id and model URI, training time).
 Logs ``val_accuracy`` and ``val_macro_f1`` to MLflow. Runs on the CPU and never imports TensorFlow.
 """
 
@@ -90,10 +91,8 @@ def run(args: argparse.Namespace, ctx: runtime.StageContext) -> None:
         device=ctx.device,
         metrics=metrics,
         inputs=inputs,
-        mlflow_run_id=ctx.tracker.run_id,
-        wall_time_s=fit_s,
-        extra={"mlflow_model_uri": model_uri},
     )
+    cards.write_run(args.run, run_id=ctx.tracker.run_id, model_uri=model_uri, wall_time_s=fit_s)
     ctx.tracker.log_artifact(args.card)
 
 
@@ -104,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=Path, required=True, help="prepared val.npz")
     parser.add_argument("--model", type=Path, required=True, help="output model (.skops)")
     parser.add_argument("--card", type=Path, required=True, help="output model card (.json)")
+    parser.add_argument("--run", type=Path, required=True, help="output run record (.run.json)")
     args = parser.parse_args(argv)
     with runtime.stage(f"{STAGE}@{args.name}") as ctx:
         run(args, ctx)

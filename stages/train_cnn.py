@@ -2,9 +2,9 @@
 
 Reads ``data/augmented/train.npz`` (from augment) and ``data/prepared/val.npz`` (from prepare), arrays
 ``x`` uint8 n×28×28 and ``y`` uint8 n, and params ``base.seed``, ``train_cnn.*``. Writes the model
-(``models/cnn.keras``), its card (``models/cnn.json``) and the per-epoch history
-(``plots/train_cnn/history.csv``: epoch, loss, accuracy, val_loss, val_accuracy). Per-epoch metrics go to
-MLflow as well. The test split is never read here: evaluate owns it.
+(``models/cnn.keras``), its card (``models/cnn.json``), its run record (``models/cnn.run.json``) and the
+per-epoch history (``plots/train_cnn/history.csv``: epoch, loss, accuracy, val_loss, val_accuracy).
+Per-epoch metrics go to MLflow as well. The test split is never read here: evaluate owns it.
 
 The model is :func:`stages.lib.models.build_cnn`; how it is fitted (input pipeline, per-epoch seeding,
 micro-batches, strategy, backup and resume) is :mod:`stages.lib.training`.
@@ -25,6 +25,7 @@ from stages.lib.preprocess import to_model_input
 
 if TYPE_CHECKING:
     import keras
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,22 @@ def history_csv(history: dict[str, list[float]]) -> str:
     for i in range(len(history["loss"])):
         lines.append(",".join([str(i + 1), *(f"{history[k][i]:.6f}" for k in keys)]))
     return "\n".join(lines) + "\n"
+
+
+def learning_curves(history: dict[str, list[float]]) -> Figure:
+    """Loss and accuracy per epoch, training beside validation, as a picture."""
+    from matplotlib.figure import Figure
+
+    epochs = range(1, len(history["loss"]) + 1)
+    fig = Figure(figsize=(8.0, 3.2), layout="constrained")
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
+        ax.plot(epochs, history[metric], marker="o", label="training")
+        ax.plot(epochs, history[f"val_{metric}"], marker="o", label="validation")
+        ax.set(xlabel="epoch", ylabel=metric, xticks=list(epochs))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("train_cnn: learning curves", fontsize=10)
+    return fig
 
 
 def epoch_logger(tracker: tracking.Tracker) -> keras.callbacks.Callback:
@@ -58,8 +75,8 @@ def record(
     config: training.TrainConfig,
     outcome: dict[str, Any],
 ) -> None:
-    """Log the MLflow model (its input example: ``outcome["example"]``) and write the card: what was trained,
-    on what, where, and how well."""
+    """Log the MLflow model (its input example: ``outcome["example"]``), write the card (what was trained, on
+    what, where, and how well) and the run record (the MLflow run and model, the wall time)."""
     # MLflow's TensorFlow flavor stores Keras 3 models as .keras files
     model_uri = ctx.tracker.log_model("tensorflow", model, outcome["example"], ("tensorflow", "keras"))
     cards.write_card(
@@ -72,8 +89,6 @@ def record(
         device=ctx.device,
         metrics=outcome["metrics"],
         inputs=outcome["inputs"],
-        mlflow_run_id=ctx.tracker.run_id,
-        wall_time_s=outcome["wall_time_s"],
         extra={
             "epochs_run": outcome["epochs_run"],
             "best_epoch": outcome["best_epoch"],
@@ -82,9 +97,10 @@ def record(
             "replicas": model.distribute_strategy.num_replicas_in_sync,
             "micro_batches": training.micro_batches_used(config.micro_batches, config.strategy),
             "jit_compile": bool(model.jit_compile),
-            "mlflow_model_uri": model_uri,
+            "tf_threads": training.thread_pools(),
         },
     )
+    cards.write_run(args.run, run_id=ctx.tracker.run_id, model_uri=model_uri, wall_time_s=outcome["wall_time_s"])
     ctx.tracker.log_artifact(args.card)
 
 
@@ -147,6 +163,7 @@ def run(args: argparse.Namespace, ctx: runtime.StageContext) -> None:
         {"best_epoch": best + 1, "epochs_run": len(history["loss"]), "train_wall_time_s": wall_time}
     )
     ctx.tracker.log_artifact(args.history)
+    ctx.tracker.log_figure(learning_curves(history), "plots/learning_curves.png")
     shutil.rmtree(backup, ignore_errors=True)  # outputs written: nothing left to resume
 
 
@@ -156,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=Path, required=True, help="validation split (val.npz written by prepare)")
     parser.add_argument("--model", type=Path, required=True, help="output model file (.keras)")
     parser.add_argument("--card", type=Path, required=True, help="output model card (.json)")
+    parser.add_argument("--run", type=Path, required=True, help="output run record (.run.json)")
     parser.add_argument("--history", type=Path, required=True, help="output per-epoch history (.csv)")
     args = parser.parse_args(argv)
     if args.model.suffix != ".keras":

@@ -22,7 +22,7 @@ from stages import prepare
 from stages.lib import files
 from stages.lib.tracking import redact_uri
 from tests.support.mnist import make_mnist
-from tests.support.repo import command_env, run, set_params, tiny_repo
+from tests.support.repo import REPO, command_env, run, set_params, tiny_repo
 from tests.support.servers import free_port
 
 CNN_OUTS = ("models/cnn.keras", "models/cnn.json", "plots/train_cnn/history.csv")
@@ -115,6 +115,7 @@ def _status(root: Path, *targets: str) -> dict:
     return json.loads(run(root, "dvc", "status", "--json", *targets).stdout)
 
 
+@pytest.mark.slow
 def test_second_repro_fails_fast_while_one_runs(repo: Path, tmp_path: Path) -> None:
     set_params(repo / "params.yaml", {"train_cnn.epochs": 10})
     first = start(repo, tmp_path / "first.log", "dvc", "repro", "train_cnn")
@@ -139,6 +140,7 @@ def test_second_repro_fails_fast_while_one_runs(repo: Path, tmp_path: Path) -> N
     assert len(history) == 1 + 10
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_leaves_no_finished_looking_output(repo: Path, tmp_path: Path) -> None:
     before = _md5s(repo)
     set_params(repo / "params.yaml", {"train_cnn.epochs": 30})
@@ -164,6 +166,7 @@ def test_sigkill_mid_stage_leaves_no_finished_looking_output(repo: Path, tmp_pat
 # --- interrupted training resumes from its backup -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_from_backup_to_identical_weights(stage_dir: Callable[..., Path]) -> None:
     import numpy as np
 
@@ -176,12 +179,13 @@ def test_killed_training_resumes_from_backup_to_identical_weights(stage_dir: Cal
     files.save_arrays(root / "train.npz", {"x": data["x_train"], "y": data["y_train"]})
     files.save_arrays(root / "val.npz", {"x": data["x_test"], "y": data["y_test"]})
     env = {k: v for k, v in os.environ.items() if k != "DVC_ROOT"}
-    env["PYTHONUNBUFFERED"] = "1"
+    env |= {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}  # this checkout's stages package
 
     def command(name: str) -> list[str]:
         return [
             sys.executable, "-m", "stages.train_cnn", "--train", "train.npz", "--val", "val.npz",
-            "--model", f"{name}.keras", "--card", f"{name}.json", "--history", f"{name}.csv",
+            "--model", f"{name}.keras", "--card", f"{name}.json", "--run", f"{name}.run.json",
+            "--history", f"{name}.csv",
         ]  # fmt: skip
 
     def finish(name: str) -> str:

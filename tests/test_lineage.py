@@ -49,16 +49,22 @@ def test_invocation_is_the_nearest_dvc_ancestor(tmp_path: Path) -> None:
 def test_stage_hash_matches_the_lock_entry_it_will_have(tmp_path: Path) -> None:
     (tmp_path / "dvc.yaml").write_text(
         "stages:\n  s:\n    foreach: [a]\n    do:\n      cmd: run ${item}\n      deps:\n        - in-${item}.txt\n"
-        "      params:\n        - p.${item}\n"
+        "      params:\n        - p.${item}\n        - versions.yaml:\n            - lib\n"
     )
     (tmp_path / "params.yaml").write_text("p:\n  a: {x: 1.5}\n")
+    (tmp_path / "versions.yaml").write_text('# a comment\nlib: "1.0"\nother: "2"\n')
     (tmp_path / "in-a.txt").write_text("data")
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  s@a:\n    cmd: run a\n    deps:\n    - path: in-a.txt\n      hash: md5\n"
         "      md5: 8d777f385d3dfec8815d20f7496026dc\n      size: 4\n    params:\n      params.yaml:\n"
-        "        p.a:\n          x: 1.5\n"
+        "        p.a:\n          x: 1.5\n      versions.yaml:\n        lib: '1.0'\n"
     )
     assert lineage.stage_hash("s@a", tmp_path) == lineage.lock_hashes(tmp_path)["s@a"]
+    (tmp_path / "versions.yaml").write_text('lib: "1.0"\nother: "3"\n')  # undeclared entry, comment
+    assert lineage.stage_hash("s@a", tmp_path) == lineage.lock_hashes(tmp_path)["s@a"]
+    (tmp_path / "versions.yaml").write_text('lib: "1.1"\n')
+    assert lineage.stage_hash("s@a", tmp_path) != lineage.lock_hashes(tmp_path)["s@a"]
+    (tmp_path / "versions.yaml").write_text('lib: "1.0"\n')
     (tmp_path / "params.yaml").write_text("p:\n  a: {x: 2.5}\n")
     assert lineage.stage_hash("s@a", tmp_path) != lineage.lock_hashes(tmp_path)["s@a"]
     assert lineage.pipeline_stages(tmp_path) == ["s@a"]

@@ -45,12 +45,14 @@ def test_declared_params_match_dvc_own_reading() -> None:
     pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
     with Repo(str(REPO)) as repo:
         dvc_view = {
-            stage.addressing: tuple(k for d in stage.deps if isinstance(d, ParamsDependency) for k in d.params)
+            (stage.addressing, Path(d.def_path).name): tuple(d.params)
             for stage in repo.index.stages
+            for d in stage.deps
+            if isinstance(d, ParamsDependency)
         }
-    assert sorted(dvc_view) == sorted(ALL_STAGES)
-    for stage, keys in dvc_view.items():
-        assert pipeline_lib.declared_params(stage, pipeline) == keys, stage
+    assert sorted({stage for stage, _ in dvc_view}) == sorted(ALL_STAGES)
+    for (stage, params_file), keys in dvc_view.items():
+        assert pipeline_lib.declared_params(stage, pipeline, params_file=params_file) == keys, (stage, params_file)
 
 
 def test_view_exposes_declared_keys_and_settings_only() -> None:

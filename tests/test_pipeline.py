@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from stages.fetch import content_digest
-from stages.lib import lineage
+from stages.lib import files, lineage
 from tests.support.repo import (
     ALL_STAGES,
     REPO,
@@ -102,8 +102,8 @@ def test_one_parent_and_one_child_per_stage_in_default_store(pipeline: Path) -> 
     assert train.data.params["train_cnn.epochs"] == "1"
     assert "val_accuracy" in train.data.metrics
     assert any(m.startswith("system/cpu") for m in train.data.metrics)  # system metrics of a training run
-    card = json.loads((pipeline / "models" / "cnn.json").read_text())
-    assert card["mlflow_run_id"] == train.info.run_id
+    record = json.loads((pipeline / "models" / "cnn.run.json").read_text())
+    assert record["mlflow_run_id"] == train.info.run_id
     decision = json.loads((pipeline / "promotion.json").read_text())
     assert decision["decision"] == "promoted" and decision["run_id"] == train.info.run_id
 
@@ -195,26 +195,69 @@ def test_staleness_matrix(pipeline: Path) -> None:
     assert not wrong, f"unexpected stale stages: {wrong}"
 
 
-def snapshot(root: Path) -> dict[str, object]:
-    """md5 of every data file, plot data and metrics; the weights of the CNN and the baselines."""
-    from stages.lib.baselines import load_sklearn
-    from stages.lib.models import load_cnn
+# Which stages a change of each installed version makes stale (versions.yaml), written by hand
+BASELINES = {"train_baseline@ridge", "train_baseline@lasso"}
+VERSIONS_STALE = {
+    "python": ALL_STAGES,
+    "numpy": ALL_STAGES,
+    "scipy": BASELINES | {"evaluate"},
+    "scikit-learn": BASELINES | {"evaluate"},
+    "skops": BASELINES | {"evaluate"},
+    "tensorflow": {"augment", "train_cnn", "evaluate"},
+    "keras": {"train_cnn", "evaluate"},
+    "matplotlib": {"augment", "evaluate"},
+    "pillow": {"augment", "evaluate"},
+}
 
-    paths = [*sorted((root / "data").rglob("*.npz")), root / "metrics" / "evaluate.json"]
-    paths += sorted((root / "plots").rglob("*.csv"))
-    state: dict[str, object] = {str(f.relative_to(root)): files.file_md5(f) for f in paths}
-    for name in ("ridge", "lasso"):
-        model = load_sklearn(root / "models" / f"{name}.skops")
-        state[name] = (model.coef_.tobytes(), model.intercept_.tobytes())
-    state["cnn"] = [w.tobytes() for w in load_cnn(root / "models" / "cnn.keras").get_weights()]
-    return state
+
+def test_every_recorded_version_has_an_expectation() -> None:
+    assert set(yaml.safe_load((REPO / "versions.yaml").read_text())) == set(VERSIONS_STALE)
+
+
+def test_version_changes_make_exactly_the_stages_that_use_them_stale(pipeline: Path) -> None:
+    """A results-relevant bump (versions.yaml, as `make setup` writes it after an upgrade) re-runs the stages that
+    use that library; a comment, a dev-only tool or an edit of constraints.txt re-runs nothing."""
+    versions, constraints = pipeline / "versions.yaml", pipeline / "constraints.txt"
+    original, original_constraints = versions.read_text(), constraints.read_text()
+    wrong = {}
+    try:
+        for name in VERSIONS_STALE:
+            set_params(versions, {name: "0.0.1"})
+            status = set(json.loads(run(pipeline, "dvc", "status", "--json").stdout))
+            if status != VERSIONS_STALE[name]:
+                wrong[name] = sorted(status)
+            versions.write_text(original)
+        versions.write_text("# edited by hand\n" + original + 'pytest: "0.0.1"\n')
+        constraints.write_text(original_constraints.replace("pytest==", "pytest==0.0.1  # was ") + "# a comment\n")
+        assert json.loads(run(pipeline, "dvc", "status", "--json").stdout) == {}
+    finally:
+        versions.write_text(original)
+        constraints.write_text(original_constraints)
+    assert not wrong, f"unexpected stale stages: {wrong}"
+
+
+def outputs(root: Path) -> dict[str, str]:
+    """md5 of every output dvc.lock lists (data, models, cards, metrics, plots), the run records aside."""
+    stages = yaml.safe_load((root / "dvc.lock").read_text())["stages"].values()
+    paths = sorted({out["path"] for stage in stages for out in stage.get("outs", [])})
+    return {path: files.file_md5(root / path) for path in paths if not path.endswith(".run.json")}
 
 
 def test_forced_rerun_on_cpu_is_bit_identical(pipeline: Path) -> None:
-    before = snapshot(pipeline)
+    """The README's reproducibility claim: every stage run again gives the same bytes in every output."""
+    before = outputs(pipeline)
+    assert {"models/cnn.keras", "models/ridge.skops", "models/cnn.json", "plots/augment/preview.png"} <= set(before)
     run(pipeline, "dvc", "repro", "--force")
-    after = snapshot(pipeline)
+    after = outputs(pipeline)
     assert [k for k in before if before[k] != after[k]] == []
+
+
+def test_a_baseline_retrained_to_the_same_model_re_runs_nothing_downstream(pipeline: Path) -> None:
+    record = (pipeline / "models" / "ridge.run.json").read_text()
+    out = run(pipeline, "dvc", "repro", "--force", "--single-item", "train_baseline@ridge").stdout
+    assert "Running stage 'train_baseline@ridge'" in out
+    assert (pipeline / "models" / "ridge.run.json").read_text() != record  # a new run, the same model
+    assert json.loads(run(pipeline, "dvc", "status", "--json").stdout) == {}
 
 
 def test_exp_run_lasso_alpha_reruns_only_lasso_and_evaluate(pipeline: Path) -> None:

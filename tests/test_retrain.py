@@ -201,6 +201,31 @@ def test_reverting_the_change_keeps_the_champion(flow: Flow) -> None:
     assert flow.retrain().stdout.startswith("nothing changed since the last run")
 
 
+def test_a_dependency_update_retrains_and_decides(flow: Flow) -> None:
+    """A merged TensorFlow update, as the retrain workflow sees it: dvc.lock was written with the old version,
+    versions.yaml (rewritten by `make setup`) holds the installed one. The retrain command (not make, which
+    would reinstall) retrains the stages that use TensorFlow, gates the new model and names the versions."""
+    data = lock(flow.root)
+    installed = data["stages"]["train_cnn"]["params"]["versions.yaml"]["tensorflow"]
+    for entry in data["stages"].values():
+        if "tensorflow" in entry["params"].get("versions.yaml", {}):
+            entry["params"]["versions.yaml"]["tensorflow"] = "2.0.0"
+    (flow.root / "dvc.lock").write_text(yaml.safe_dump(data, sort_keys=False))
+    flow.run("git", "commit", "-q", "-m", "Results of the old TensorFlow", "dvc.lock")
+    versions = len(flow.client().search_model_versions(f"name = '{MODEL}'"))
+
+    result = flow.retrain()
+    ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"augment", "train_cnn", "evaluate"}, result.stdout
+    decision = json.loads((flow.root / "promotion.json").read_text())
+    assert decision["decision"] in ("promoted", "not_promoted") and int(decision["version"]) == versions + 1
+    assert flow.github_outputs()["decision"] == decision["decision"]
+    summary = (flow.root / "retrain-summary.md").read_text()
+    assert f"Library versions changed (versions.yaml): tensorflow 2.0.0 → {installed}." in summary
+    assert "train_cnn: versions.yaml (tensorflow modified)" in summary
+    assert json.loads(flow.run("dvc", "status", "--json").stdout) == {}
+
+
 # ---------------------------------------------------------------------------------------------- pure parts
 
 

@@ -23,6 +23,7 @@ def _restore_cuda_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
 
+@pytest.mark.slow
 def test_cpu_hides_gpus_before_tensorflow_loads() -> None:
     code = (
         "import sys; from stages.lib import runtime\n"
@@ -58,6 +59,7 @@ def test_gpu_without_gpu_is_one_clear_error() -> None:
     assert "dvc exp run -S train_cnn.device=auto" in message
 
 
+@pytest.mark.slow
 def test_gpu_stage_stops_before_writing_anything(stage_dir: Callable[..., Path]) -> None:
     root = stage_dir({"augment.device": "gpu"})
     files.save_arrays(root / "train.npz", {"x": make_mnist(20, 1)["x_train"], "y": make_mnist(20, 1)["y_train"]})

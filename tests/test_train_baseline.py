@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,6 +92,23 @@ def test_skops_round_trip_is_atomic(tmp_path: Path, data: dict[str, np.ndarray])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lasso.skops", "ridge.skops"]  # no temp files left
 
 
+@pytest.mark.parametrize("name", baselines.BASELINES)
+def test_the_same_fitted_model_saves_to_the_same_bytes(tmp_path: Path, data: dict[str, np.ndarray], name: str) -> None:
+    """skops names array files and marks objects by memory address, and stamps member times: two fits of the
+    same model, saved a zip-timestamp tick apart, must still be equal files (that load like the model)."""
+    saved = []
+    for i in range(2):
+        model = baselines.fit_baseline(baselines.build_baseline(name, 0.01), data["x"], one_hot(data["y"]))
+        saved.append(tmp_path / f"{i}.skops")
+        baselines.save_sklearn(model, saved[-1])
+        time.sleep(2.1 if i == 0 else 0)  # zip times have a 2 s resolution
+    assert saved[0].read_bytes() == saved[1].read_bytes()
+    loaded = baselines.load_sklearn(saved[0])
+    np.testing.assert_array_equal(
+        baselines.predict_scores(loaded, data["xt"]), baselines.predict_scores(model, data["xt"])
+    )
+
+
 def test_load_refuses_unknown_class(tmp_path: Path, data: dict[str, np.ndarray]) -> None:
     model = baselines.fit_baseline(baselines.build_baseline("ridge", 1.0), data["x"], one_hot(data["y"]))
     model.extra_ = NotAModel()
@@ -135,7 +153,7 @@ def test_card_refuses_a_model_whose_hash_differs(tmp_path: Path, data: dict[str,
         if alpha == 1.0:
             cards.write_card(
                 tmp_path / "ridge.json", name="ridge", model_file=path, fmt="skops", input_kind="flat", params={},
-                device="cpu", metrics={}, inputs={}, mlflow_run_id="x", wall_time_s=0.0,
+                device="cpu", metrics={}, inputs={},
             )  # fmt: skip
             assert cards.read_card(path, stage="train_baseline@ridge")["sha256"] == cards.file_sha256(path)
     with pytest.raises(UserError, match=r"sha256 differs.*train_baseline@ridge"):
@@ -153,7 +171,10 @@ def _prepared(root: Path) -> list[str]:
 
 
 def _argv(root: Path, name: str) -> list[str]:
-    return ["--name", name, *_prepared(root), "--model", f"models/{name}.skops", "--card", f"models/{name}.json"]
+    return [
+        "--name", name, *_prepared(root), "--model", f"models/{name}.skops", "--card", f"models/{name}.json",
+        "--run", f"models/{name}.run.json",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", baselines.BASELINES)
@@ -183,7 +204,9 @@ def test_main_writes_model_and_card_and_reads_exactly_its_params(
 
     from mlflow.tracking import MlflowClient
 
-    run = MlflowClient().get_run(card["mlflow_run_id"])
+    record = cards.read_run(root / f"models/{name}.skops")
+    assert set(record) == {"mlflow_run_id", "mlflow_model_uri", "wall_time_s"}
+    run = MlflowClient().get_run(record["mlflow_run_id"])
     assert run.data.metrics["val_accuracy"] == pytest.approx(card["metrics"]["val_accuracy"])
     assert run.data.tags["dvc.stage"] == f"train_baseline@{name}"
     assert run.data.params[f"baselines.{name}.alpha"]
@@ -191,12 +214,15 @@ def test_main_writes_model_and_card_and_reads_exactly_its_params(
     import mlflow
 
     x = to_flat_input(np.load(root / "data/prepared/val.npz")["x"][:5])
-    served = mlflow.sklearn.load_model(card["mlflow_model_uri"])
-    assert mlflow.models.get_model_info(card["mlflow_model_uri"]).flavors["sklearn"]["serialization_format"] == "skops"
+    served = mlflow.sklearn.load_model(record["mlflow_model_uri"])
+    assert (
+        mlflow.models.get_model_info(record["mlflow_model_uri"]).flavors["sklearn"]["serialization_format"] == "skops"
+    )
     saved = baselines.load_sklearn(root / f"models/{name}.skops", stage=f"train_baseline@{name}")
     np.testing.assert_array_equal(served.predict(x), saved.predict(x))
 
 
+@pytest.mark.slow
 def test_main_runs_without_importing_tensorflow(stage_dir: Callable[..., Path]) -> None:
     root = stage_dir()
     argv = _argv(root, "lasso")

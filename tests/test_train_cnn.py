@@ -196,7 +196,7 @@ def test_settings_from_params_read_every_key_and_name_the_section(stage_context)
 MICRO_BATCHES_IN_A_NEW_PROCESS = """
 import json, logging
 import tensorflow as tf
-from stages.lib import runtime, training
+from stages.lib import environment, runtime, training
 from tests.support.mnist import make_mnist
 
 logging.basicConfig(level=logging.WARNING)
@@ -207,7 +207,7 @@ threading = tf.config.threading
 threads = [threading.get_intra_op_parallelism_threads(), threading.get_inter_op_parallelism_threads()]
 print(json.dumps({
     "threads": threads,
-    "cores": runtime.cpu_cores(),
+    "cores": environment.cpu_cores(),
     "step": model.train_step.__qualname__,
     "same_again": runtime.set_cpu_threads(*threads),
     "other_now": runtime.set_cpu_threads(threads[0] + 1, threads[1]),
@@ -229,6 +229,7 @@ def _in_new_process(script: str) -> tuple[dict, str]:
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
 
 
+@pytest.mark.slow
 def test_micro_batches_set_the_thread_pools_before_tensorflow_starts() -> None:
     out, stderr = _in_new_process(MICRO_BATCHES_IN_A_NEW_PROCESS)
     assert out["threads"] == [max(1, out["cores"] // 2), 2]  # two ops at once, the cores shared between them
@@ -272,6 +273,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_trains_on_two_logical_cpus() -> None:
     out, stderr = _in_new_process(MIRRORED_ON_TWO_CPUS)
     assert out["name"] == "mirrored" and out["replicas"] == 2
@@ -321,7 +323,7 @@ def _splits(root: Path) -> tuple[Path, Path]:
 def _args(train: Path, val: Path) -> list[str]:
     return [
         "--train", str(train), "--val", str(val), "--model", "models/cnn.keras",
-        "--card", "models/cnn.json", "--history", "plots/train_cnn/history.csv",
+        "--card", "models/cnn.json", "--run", "models/cnn.run.json", "--history", "plots/train_cnn/history.csv",
     ]  # fmt: skip
 
 
@@ -352,7 +354,8 @@ def test_main_writes_model_card_history_and_tracks_them(
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert card["metrics"]["val_accuracy"] == pytest.approx(float(rows[-1]["val_accuracy"]), abs=1e-6)
 
-    run = mlflow.get_run(card["mlflow_run_id"])
+    record = cards.read_run(model_file)
+    run = mlflow.get_run(record["mlflow_run_id"])
     assert run.data.tags["dvc.stage"] == "train_cnn"
     client = mlflow.MlflowClient()
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
@@ -361,11 +364,11 @@ def test_main_writes_model_card_history_and_tracks_them(
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"cnn.json", "history.csv"} <= artifacts
     # the MLflow model: signature of the preprocessed images, and it predicts like the saved .keras file
-    logged = mlflow.models.get_model_info(card["mlflow_model_uri"])
+    logged = mlflow.models.get_model_info(record["mlflow_model_uri"])
     assert logged.run_id == run.info.run_id
     assert tuple(logged.signature.inputs.inputs[0].shape) == (-1, 28, 28, 1)
     x = to_model_input(np.load(val)["x"][:4])
-    served = np.asarray(mlflow.pyfunc.load_model(card["mlflow_model_uri"]).predict(x))
+    served = np.asarray(mlflow.pyfunc.load_model(record["mlflow_model_uri"]).predict(x))
     np.testing.assert_allclose(served, models.load_cnn(model_file).predict(x, verbose=0), atol=1e-6)
     assert {i.dataset.digest for i in run.inputs.dataset_inputs} == set(card["inputs"].values())
 

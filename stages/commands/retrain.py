@@ -1,11 +1,12 @@
 """retrain: re-run the pipeline only when something changed, and report whether the new CNN was promoted.
 
-A command (``make retrain``, ``python -m stages.commands.retrain``), not a DVC stage: it drives ``dvc repro`` and is
-run at the repository root, by hand or by the scheduled workflow ``.github/workflows/retrain.yml``.
+A command (``make retrain``, ``python -m stages.commands.retrain``), not a DVC stage: it drives ``dvc repro``
+and is run at the repository root, by hand or by the scheduled workflow ``.github/workflows/retrain.yml``.
 
-1. ``dvc status --json`` lists the stages whose code, params or data deps differ from dvc.lock, or whose
-   outputs are missing or modified (for example after a ``dvc pull`` that found only part of them). When
-   there are none it prints one line saying so and exits 0 without running anything.
+1. ``dvc status --json`` lists the stages whose code, params, data deps or installed library versions
+   (versions.yaml, rewritten by ``make setup``) differ from dvc.lock, or whose outputs are missing or
+   modified (for example after a ``dvc pull`` that found only part of them). When there are none it
+   prints one line saying so and exits 0 without running anything.
 
    The data needs no download to be checked: fetch has no data dependency, and it accepts only bytes
    whose content digest equals ``fetch.content_sha256`` in params.yaml. Other MNIST bytes cannot reach the
@@ -16,11 +17,11 @@ run at the repository root, by hand or by the scheduled workflow ``.github/workf
    current champion; it writes the decision to ``promotion.json`` (``--decision``). When evaluate did not
    run (no model and no test data changed), there is no new decision.
 3. It writes a Markdown summary (``--summary``, default ``$RETRAIN_SUMMARY`` or ``retrain-summary.md``):
-   the decision with both test accuracies and the reason, then ``dvc metrics diff --md`` and
-   ``dvc params diff --md`` against the commit holding the results of the champion the new model was
-   compared with: the first commit that changed dvc.lock after the commit the champion was trained at (its
-   git commit in the registry), else that commit itself; HEAD when there was no champion, or when that
-   commit is not in this clone's history.
+   the decision with both test accuracies and the reason, the library versions that changed, then
+   ``dvc metrics diff --md`` and ``dvc params diff --md`` against the commit holding the results of the
+   champion the new model was compared with: the first commit that changed dvc.lock after the commit the
+   champion was trained at (its git commit in the registry), else that commit itself; HEAD when there was
+   no champion, or when that commit is not in this clone's history.
    It prints the decision and the summary's path.
 
 Under GitHub Actions (``GITHUB_OUTPUT`` set) it also sets the step outputs ``decision`` (``skipped``,
@@ -47,7 +48,7 @@ from typing import Any
 from stages.lib import files
 from stages.lib.errors import UserError
 from stages.lib.lineage import LOCK_FILE
-from stages.lib.params import PARAMS_FILE
+from stages.lib.pipeline import PARAMS_FILE, VERSIONS_FILE
 from stages.lib.registry import CHAMPION
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,15 @@ def describe_changes(status: Mapping[str, Any]) -> list[str]:
         more = f", and {len(items) - MAX_ITEMS} more" if len(items) > MAX_ITEMS else ""
         lines.append(f"{stage}: {', '.join(items[:MAX_ITEMS])}{more}")
     return lines
+
+
+def version_changes(lock: Mapping[str, Any], versions: Mapping[str, str]) -> list[str]:
+    """``name old → new`` for each entry of versions.yaml that differs from what dvc.lock recorded for the
+    stages that declare it (a dependency update since the last run)."""
+    before: dict[str, str] = {}
+    for entry in ((lock or {}).get("stages") or {}).values():
+        before.update(((entry.get("params") or {}).get(VERSIONS_FILE) or {}).items())
+    return [f"{name} {before[name]} → {versions.get(name)}" for name in before if before[name] != versions.get(name)]
 
 
 def skip_message(lock: Mapping[str, Any]) -> str:
@@ -156,8 +166,9 @@ def render_summary(
     reference: Reference,
     metrics_diff: str,
     params_diff: str,
+    versions: Sequence[str] = (),
 ) -> str:
-    """The Markdown summary of one retraining run."""
+    """The Markdown summary of one retraining run (``versions``: the library versions that changed)."""
     title = "no new decision" if decision is None else f"{decision['decision'].replace('_', ' ')}"
     out = [f"# Retraining: {title}", "", f"**{decision_line(decision)}.**", ""]
     if decision is not None:
@@ -182,6 +193,8 @@ def render_summary(
         if facts:
             out += ["; ".join(facts).capitalize() + ".", ""]
     out += ["## What changed", ""] + [f"- {line}" for line in changes] + [""]
+    if versions:
+        out += ["Library versions changed (versions.yaml): " + ", ".join(versions) + ".", ""]
     out += [f"## Metrics against `{reference.rev}`", "", f"`dvc metrics diff {reference.rev}` ({reference.why}):", ""]
     metrics_diff, dropped = drop_rows(metrics_diff.strip(), PER_CLASS)
     out += [metrics_diff or "No metric changed.", ""]
@@ -347,6 +360,7 @@ def retrain(root: Path, summary: Path, decision_file: Path) -> None:
         return
 
     changes = describe_changes(status) if (root / LOCK_FILE).exists() else [f"no {LOCK_FILE}: first run"]
+    versions = version_changes(_read_mapping(root / LOCK_FILE), _read_mapping(root / VERSIONS_FILE))
     log.info("Changed since %s: %s", LOCK_FILE, "; ".join(changes))
     before = _stamp(decision_file)
     sys.stdout.flush()
@@ -374,7 +388,7 @@ def retrain(root: Path, summary: Path, decision_file: Path) -> None:
         except UserError as exc:
             errors.append(str(exc))
             diffs.append(f"Not available: {exc}")
-    files.write_text(summary, render_summary(decision, changes, reference, *diffs))
+    files.write_text(summary, render_summary(decision, changes, reference, *diffs, versions=versions))
     set_github_outputs(
         {
             "decision": decision["decision"] if decision else "not_evaluated",

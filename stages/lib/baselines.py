@@ -14,6 +14,7 @@ float64, where the two Lasso paths agree to rounding (~1e-13; a float32 Gram dif
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -98,12 +99,43 @@ def predict_classes(model: LinearBaseline, x_flat: np.ndarray) -> np.ndarray:
     return predict_scores(model, x_flat).argmax(axis=1)
 
 
+def stable_members(archive: bytes) -> list[tuple[str, bytes]]:
+    """The members of the skops archive ``archive`` with stable names: skops names each array file, and marks
+    each object in ``schema.json``, by the object's memory address (``id()``), which differs from run to run.
+    Here every such id becomes its order of first appearance in the schema, in files and schema alike; the
+    arrays follow in that order, then ``schema.json``."""
+    with zipfile.ZipFile(io.BytesIO(archive)) as src:
+        schema = json.loads(src.read("schema.json"))
+        arrays = {name: src.read(name) for name in src.namelist() if name != "schema.json"}
+    ids: dict[int, int] = {}
+
+    def renumber(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("__id__"), int):
+                node["__id__"] = ids.setdefault(node["__id__"], len(ids))
+            if node.get("type") == "numpy" and isinstance(node.get("file"), str):
+                node["file"] = f"{ids.setdefault(int(node['file'].removesuffix('.npy')), len(ids))}.npy"
+            for value in node.values():
+                renumber(value)
+        elif isinstance(node, list):
+            for value in node:
+                renumber(value)
+
+    renumber(schema)
+    renamed = {f"{ids[int(name.removesuffix('.npy'))]}.npy": data for name, data in arrays.items()}
+    members = [(name, renamed[name]) for name in sorted(renamed, key=lambda n: int(n.removesuffix(".npy")))]
+    return [*members, ("schema.json", json.dumps(schema, indent=2).encode("utf-8"))]
+
+
 def save_sklearn(model: LinearBaseline, path: str | os.PathLike[str]) -> None:
-    """Save ``model`` to ``path`` in skops format, atomically."""
+    """Save ``model`` to ``path`` in skops format, atomically, with bytes that depend only on the model: the
+    same fitted model gives the same file (:func:`stable_members`, fixed member times), so a baseline that
+    re-runs to the same weights re-runs nothing downstream."""
     import skops.io
 
-    with files.atomic_path(path) as tmp:
-        skops.io.dump(model, tmp)
+    with files.deterministic_zip(path) as archive:
+        for name, data in stable_members(skops.io.dumps(model)):
+            archive.write(name, data)
 
 
 def _types_in_schema(node: Any, found: set[str]) -> None:

@@ -1,9 +1,10 @@
 """What ties an MLflow run to DVC: the stage's dvc.lock hash and the ``dvc`` invocation that ran it.
 
 **Lock hash.** A stage's dvc.lock entry records its command, the md5 of each dependency and the values of
-its params. :func:`entry_hash` is the sha256 of exactly those three (outputs excluded, as in DVC's own
-run-cache key), so it names "this code on this data with these params". A running stage computes it
-from dvc.yaml, its dependency files and params.yaml (:func:`stage_hash`) before DVC has written the
+its params (of params.yaml and versions.yaml). :func:`entry_hash` is the sha256 of exactly those three
+(outputs excluded, as in DVC's own run-cache key), so it names "this code on this data with these params
+and library versions". A running stage computes it from dvc.yaml, its dependency files and params files
+(:func:`stage_hash`) before DVC has written the
 entry; afterwards the same value follows from dvc.lock (:func:`lock_hashes`), so a run can be found from
 the lock file and the lock file checked against a run.
 
@@ -33,8 +34,9 @@ from stages.lib.pipeline import PARAMS_FILE, PIPELINE_FILE, stage_names, stage_s
 LOCK_FILE = "dvc.lock"
 
 
-def entry_hash(cmd: str, deps: Mapping[str, str], params: Mapping[str, Any]) -> str:
-    """sha256 of a stage's command, dependency md5s (``{path: md5}``) and params values (``{key: value}``)."""
+def entry_hash(cmd: str, deps: Mapping[str, str], params: Mapping[str, Mapping[str, Any]]) -> str:
+    """sha256 of a stage's command, dependency md5s (``{path: md5}``) and params values (``{params file: {key:
+    value}}``, versions.yaml's included)."""
     blob = json.dumps({"cmd": cmd, "deps": dict(deps), "params": dict(params)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -49,11 +51,11 @@ def stage_hash(stage: str, root: str | os.PathLike[str] = ".") -> str:
     """The lock hash ``stage`` will have in dvc.lock once it has run on the current files under ``root``."""
     root = Path(root)
     spec = stage_spec(stage, read_yaml(root / PIPELINE_FILE, "pipeline file"))
-    raw = read_yaml(root / PARAMS_FILE, "params file")
-    params: dict[str, Any] = {}
+    params: dict[str, dict[str, Any]] = {}
     for entry in spec.get("params") or []:
-        for key in [entry] if isinstance(entry, str) else entry.get(PARAMS_FILE) or []:
-            params[key] = _lookup(raw, key)
+        for name, keys in ({PARAMS_FILE: [entry]} if isinstance(entry, str) else entry).items():
+            values = read_yaml(root / name, "params file")
+            params.setdefault(name, {}).update({key: _lookup(values, key) for key in keys})
     # DVC runs a stage only when its deps exist; by hand, a missing one just yields a hash no lock matches
     deps = {path: file_md5(root / path) if (root / path).is_file() else "" for path in spec.get("deps") or []}
     return entry_hash(spec["cmd"], deps, params)
@@ -74,7 +76,7 @@ def _hashes(lock: Any) -> dict[str, str]:
     hashes = {}
     for stage, entry in ((lock or {}).get("stages") or {}).items():
         deps = {d["path"]: d.get("md5", "") for d in entry.get("deps") or []}
-        hashes[stage] = entry_hash(entry.get("cmd", ""), deps, (entry.get("params") or {}).get(PARAMS_FILE) or {})
+        hashes[stage] = entry_hash(entry.get("cmd", ""), deps, entry.get("params") or {})
     return hashes
 
 

@@ -16,9 +16,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from stages.lib import environment
 from stages.lib.errors import UserError
 from stages.lib.files import read_yaml
-from stages.lib.pipeline import PARAMS_FILE, PIPELINE_FILE, declared_params
+from stages.lib.pipeline import PARAMS_FILE, PIPELINE_FILE, VERSIONS_FILE, declared_params
 
 SETTINGS = "settings"  # read by every stage, declared by none: changing it re-runs nothing
 
@@ -287,7 +288,8 @@ def read_all(root: str | os.PathLike[str] = ".") -> AllParams:
 
 
 def load(stage: str, root: str | os.PathLike[str] = ".") -> StageParams:
-    """Validate ``params.yaml`` and return the view of the keys ``dvc.yaml`` declares for ``stage``.
+    """Validate ``params.yaml`` and return the view of the keys ``dvc.yaml`` declares for ``stage``; check that
+    the entries of versions.yaml it declares are the installed versions.
 
     ``stage`` is the DVC stage name (``augment``, ``train_baseline@ridge``). When DVC runs the stage it
     sets ``DVC_STAGE``, which must agree.
@@ -312,4 +314,6 @@ def load(stage: str, root: str | os.PathLike[str] = ".") -> StageParams:
                     f"which {params_path} does not have"
                 )
             value = getattr(value, part)
+    # The installed versions it declares are inputs too: they must be what runs
+    environment.check(stage, declared_params(stage, pipeline, str(root / PIPELINE_FILE), VERSIONS_FILE), root)
     return StageParams(model, stage, declared)

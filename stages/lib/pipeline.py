@@ -17,6 +17,7 @@ from stages.lib.errors import UserError
 
 PIPELINE_FILE = "dvc.yaml"
 PARAMS_FILE = "params.yaml"
+VERSIONS_FILE = "versions.yaml"  # the installed versions that decide results (stages/lib/environment.py)
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,15 @@ def stage_names(pipeline: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def declared_params(stage: str, pipeline: Mapping[str, Any], pipeline_path: str = PIPELINE_FILE) -> tuple[str, ...]:
-    """The params keys (of params.yaml) that dvc.yaml declares for ``stage``, e.g. ``("base.seed", "augment")``."""
+def declared_params(
+    stage: str, pipeline: Mapping[str, Any], pipeline_path: str = PIPELINE_FILE, params_file: str = PARAMS_FILE
+) -> tuple[str, ...]:
+    """The keys of ``params_file`` that dvc.yaml declares for ``stage``, e.g. ``("base.seed", "augment")`` of
+    params.yaml or ``("python", "numpy")`` of versions.yaml."""
     keys: list[str] = []
     for entry in stage_spec(stage, pipeline, pipeline_path).get("params") or []:
-        if isinstance(entry, str):
+        if isinstance(entry, str) and params_file == PARAMS_FILE:
             keys.append(entry)
         elif isinstance(entry, Mapping):
-            keys.extend(entry.get(PARAMS_FILE) or [])
+            keys.extend(entry.get(params_file) or [])
     return tuple(keys)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.lib import params as params_lib
-from stages.lib import pipeline
+from stages.lib import pipeline, tflog
 from stages.lib.errors import UserError
 
 if TYPE_CHECKING:
@@ -83,11 +83,6 @@ def resolve_device(stage: str, key: str, requested: str, uses_tensorflow: bool) 
         )
     log.info("%s: no GPU visible, running on the CPU (%s = auto)", stage, key)
     return "cpu"
-
-
-def cpu_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
-    return len(os.sched_getaffinity(0))
 
 
 def set_cpu_threads(intra_op: int, inter_op: int) -> bool:
@@ -150,10 +145,8 @@ def stage(name: str) -> Iterator[StageContext]:
     log line and exit code 1.
     """
     configure_logging()
-    # TensorFlow's C++ INFO/WARNING lines (oneDNN, CPU features) drown the stage's log; errors still show
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        params, device = load_stage(name)
+        params, device = load_stage(name, quiet_tensorflow=True)
         from stages.lib import tracking
 
         settings = pipeline.settings(name)
@@ -165,15 +158,21 @@ def stage(name: str) -> Iterator[StageContext]:
         raise SystemExit(1) from None
 
 
-def load_stage(name: str) -> tuple[params_lib.StageParams, str]:
+def load_stage(name: str, quiet_tensorflow: bool = False) -> tuple[params_lib.StageParams, str]:
     """Load stage ``name``'s params (from the working directory), set the log level they name and apply
-    the stage's ``device`` setting; return the params view and the device used."""
+    the stage's ``device`` setting; return the params view and the device used.
+
+    ``quiet_tensorflow`` (a stage's own process, not a test's): filter TensorFlow's start-up lines out of
+    stderr before it is imported (:mod:`stages.lib.tflog`), unless ``settings.log_level`` is DEBUG.
+    """
     params = params_lib.load(name)
     configure_logging(params.settings.log_level)
     section: Any = params
     for part in params.device_section.split("."):
         section = getattr(section, part)
     uses_tensorflow = pipeline.settings(name).uses_tensorflow
+    if quiet_tensorflow and uses_tensorflow and params.settings.log_level != "DEBUG":
+        tflog.quiet()
     return params, resolve_device(name, f"{params.device_section}.device", section.device, uses_tensorflow)
 
 

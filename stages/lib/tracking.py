@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from stages.lib import lineage
+from stages.lib import environment, lineage
 from stages.lib.errors import UserError
 from stages.lib.files import file_md5
 from stages.lib.params import StageParams
@@ -45,6 +45,8 @@ ARTIFACTS_DIR = "mlartifacts"
 MODEL_ARTIFACT = "model"  # artifact name of the MLflow model in a training run
 PARENT_NAME = "pipeline"  # parent run name outside `dvc exp run`
 SYSTEM_METRICS_INTERVAL_S = 2.0
+# MLflow 3's tag for what an experiment holds: training runs, not GenAI traces
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def repo_root() -> Path:
@@ -158,6 +160,9 @@ class Tracker:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Tag the run."""
 
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """Attach a matplotlib figure to the run as the image ``artifact_file`` (a PNG path in its artifacts)."""
+
 
 class MlflowTracker(Tracker):
     """A stage's MLflow run (the active run of this process)."""
@@ -239,6 +244,11 @@ class MlflowTracker(Tracker):
 
         mlflow.set_tags(dict(tags))
 
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        import mlflow
+
+        mlflow.log_figure(figure, artifact_file)
+
 
 @contextlib.contextmanager
 def store_lock(uri: str) -> Iterator[None]:
@@ -263,23 +273,24 @@ def store_lock(uri: str) -> Iterator[None]:
 
 
 def _experiment_id(name: str, uri: str, root: Path) -> str:
-    """The id of experiment ``name``, created (artifacts under ``<root>/mlartifacts`` for SQLite) if needed."""
+    """The id of experiment ``name``, created (artifacts under ``<root>/mlartifacts`` for SQLite) if needed, and
+    marked as a model-training experiment (:data:`EXPERIMENT_KIND`)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
         experiment = mlflow.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        artifacts = (root / ARTIFACTS_DIR).as_uri() if uri.startswith("sqlite:") else None
-        try:
-            return mlflow.create_experiment(name, artifact_location=artifacts)
-        except MlflowException:
-            # another stage process (a parallel queued experiment) created it first
+        if experiment is None:
+            artifacts = (root / ARTIFACTS_DIR).as_uri() if uri.startswith("sqlite:") else None
+            # another stage process (a parallel queued experiment) may create it first
+            with contextlib.suppress(MlflowException):
+                mlflow.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
             experiment = mlflow.get_experiment_by_name(name)
             if experiment is None:
-                raise
-            return experiment.experiment_id
+                raise MlflowException(f"experiment {name!r} could not be created")
+        if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+        return experiment.experiment_id
     except MlflowException as exc:
         raise UserError(
             f"MLflow tracking at {redact_uri(uri)} is not usable ({exc.message.splitlines()[0]}); "
@@ -438,6 +449,7 @@ def stage_run(stage: str, params: StageParams, device: str, *, system_metrics: b
     pipeline = ParentRun(experiment_id, invocation, workspace, params) if invocation else None
 
     tags = {"dvc.stage": stage, "git.commit": git_commit(workspace), "device": device}
+    tags.update({f"env.{key}": _param_value(value) for key, value in environment.describe().items()})
     if stage_hash:
         tags["dvc.lock_hash"] = stage_hash
     if exp_name := os.environ.get("DVC_EXP_NAME"):

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.lib import files, models, runtime
+from stages.lib import environment, files, models, runtime
 from stages.lib.errors import UserError
 from stages.lib.preprocess import one_hot, to_model_input
 
@@ -156,6 +156,18 @@ def micro_batches_used(requested: int, strategy: str) -> int:
 
     gpus = tf.config.get_visible_devices("GPU")
     return requested if not gpus and resolve_strategy(strategy, len(gpus)) == "single" else 1
+
+
+def thread_pools() -> dict[str, int]:
+    """TensorFlow's thread pools in this process: threads per op and ops at once (0: TensorFlow's default,
+    one per core)."""
+    import tensorflow as tf
+
+    threading = tf.config.threading
+    return {
+        "intra_op": threading.get_intra_op_parallelism_threads(),
+        "inter_op": threading.get_inter_op_parallelism_threads(),
+    }
 
 
 def strategy_name(strategy: tf.distribute.Strategy) -> str:
@@ -380,7 +392,7 @@ def train(
 
     parts = micro_batches_used(config.micro_batches, config.strategy)
     if parts > 1:  # before TensorFlow's first op, which fixes its thread pools
-        runtime.set_cpu_threads(intra_op=max(1, runtime.cpu_cores() // parts), inter_op=parts)
+        runtime.set_cpu_threads(intra_op=max(1, environment.cpu_cores() // parts), inter_op=parts)
     runtime.seed_everything(seed, tensorflow=True)
     steps_per_epoch = (len(y_train) + config.batch_size - 1) // config.batch_size  # the last batch may be short
     model = build(config, steps_per_epoch)
