@@ -7,13 +7,15 @@ STAMP  := $(VENV)/.installed
 # Stage commands (stages/run) and tests find the project's interpreter first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro retrain test check lint bench server clean
+.PHONY: setup repro retrain test check lint bench server team-server experiment clean
 
+# versions.yaml: the installed versions that decide results, an input of the stages that depend on them
 setup: $(STAMP)
+	@$(BIN)/python -m stages.commands.versions
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,team]'
 	@touch $@
 
 repro: setup
@@ -27,6 +29,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/actionlint .github/workflows/*.yml
+	$(BIN)/check-jsonschema --builtin-schema vendor.renovate .github/renovate.json
 
 test: lint
 	$(BIN)/pytest
@@ -44,6 +47,16 @@ MLFLOW_PORT ?= 5000
 server: setup
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath mlflow.db) \
 		--artifacts-destination $(abspath mlartifacts) --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# The team's tracking server: PostgreSQL backend, artifact store, basic auth (configured by environment
+# variables: docs/team.md)
+team-server: setup
+	$(BIN)/python -m stages.commands.server
+
+# One machine's experiment: pull, dvc exp run, dvc exp push (docs/team.md), e.g.
+#   make experiment NAME=ridge-10 SET="-S baselines.ridge.alpha=10.0"
+experiment: setup
+	$(BIN)/python -m stages.commands.experiment --name "$(NAME)" $(SET)
 
 clean:
 	rm -rf $(VENV)

@@ -14,6 +14,7 @@ import pytest
 
 from stages.lib import runtime, tracking
 from tests.support.repo import REPO, TINY, set_params
+from tests.support.servers import MlflowServer, PgServer, postgres_missing_reason, postgres_server, team_server
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,13 +42,13 @@ def _isolated_tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
 def stage_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Path]:
     """Return a function that makes ``tmp_path`` a stage working directory and chdirs into it.
 
-    It holds the repository's dvc.yaml and params.yaml, the latter shrunk (``TINY``) and then updated
+    It holds the repository's dvc.yaml, versions.yaml and params.yaml, the latter shrunk (``TINY``) and then updated
     with the given overrides; stage ``main()`` functions can run there in-process.
     """
 
     def make(overrides: dict[str, Any] | None = None) -> Path:
-        shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-        shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+        for name in ("dvc.yaml", "params.yaml", "versions.yaml"):
+            shutil.copy(REPO / name, tmp_path / name)
         set_params(tmp_path / "params.yaml", {**TINY, **(overrides or {})})
         monkeypatch.chdir(tmp_path)
         return tmp_path
@@ -67,3 +68,27 @@ def stage_context(stage_dir: Callable[..., Path]) -> Callable[..., runtime.Stage
         return runtime.StageContext(stage, params, device, tracking.Tracker())
 
     return make
+
+
+def missing(reason: str) -> None:
+    """Skip a test whose engine is not installed, with the one line ``reason`` saying how to install it; in CI
+    (``CI`` set), which installs every engine, fail instead: a skip there would hide an untested path."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must install it: see .ci/run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    """A real PostgreSQL server on loopback, shared by the session."""
+    if reason := postgres_missing_reason():
+        missing(reason)
+    with postgres_server(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def team(postgres: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """The team's tracking server (``make team-server``: PostgreSQL backend, basic auth), shared by the session."""
+    with team_server(postgres.create_database("mlflow"), tmp_path_factory.mktemp("team-server")) as server:
+        yield server

@@ -1,4 +1,5 @@
-"""The promotion gate against a real MLflow registry (a SQLite store of its own)."""
+"""The promotion rule: the gate and the walk over the versions (pure), then against real registries: a SQLite
+store of its own, and the team's PostgreSQL-backed server with 8 evaluates promoting at once."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from sklearn.linear_model import Ridge
 
 from stages.lib import registry
+from stages.lib.errors import UserError
 from stages.lib.tracking import MlflowTracker
 
 
@@ -28,6 +30,29 @@ def test_gate(accuracy: float, champion: float | None, margin: float, promoted: 
     decided, reason = registry.gate(accuracy, champion, margin)
     assert decided is promoted
     assert f"{accuracy:.4f}" in reason or champion is None
+
+
+V = registry.Version
+
+
+@pytest.mark.parametrize(
+    ("versions", "champion", "challenger", "crowned"),
+    [
+        ([], None, None, []),
+        ([V(1, 0.90)], 1, None, [1]),
+        ([V(1, 0.90, 0.01), V(2, 0.905, 0.01), V(3, 0.93, 0.01)], 3, None, [1, 3]),  # 2 is within the margin
+        ([V(1, 0.95), V(2, 0.90), V(3, 0.92)], 1, 3, [1]),  # later ones never beat it
+        ([V(3, 0.93), V(1, 0.90), V(2, 0.92)], 3, None, [1, 2, 3]),  # version order, not list order
+        ([V(1, 0.90), V(2, 0.99, rejected=True), V(3, 0.91)], 3, None, [1, 3]),  # a rejected one is left out
+        ([V(1, 0.90), V(2, 0.95), V(3, 0.93, pinned=True), V(4, 0.94)], 4, None, [3, 4]),  # from the pin on
+        ([V(1, 0.95, pinned=True), V(2, 0.99, rejected=True), V(3, 0.96, pinned=True), V(4, 0.90)], 3, 4, [3]),
+    ],
+)
+def test_the_rule_walks_the_versions_in_order(versions, champion, challenger, crowned) -> None:
+    outcome = registry.walk(versions)
+    assert (outcome.champion.number if outcome.champion else None) == champion
+    assert (outcome.challenger.number if outcome.challenger else None) == challenger
+    assert [n for n, verdict in sorted(outcome.verdicts.items()) if verdict.promoted] == crowned
 
 
 @pytest.fixture
@@ -78,11 +103,33 @@ def test_the_same_model_again_is_unchanged(store: str) -> None:
     assert "champion" in again["reason"]
 
 
+def test_a_pin_rolls_back_and_later_evaluates_keep_it(store: str) -> None:
+    """A person rolls the champion back to version 1; the next evaluates repair nothing back to version 3, and a
+    new model is judged against version 1."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for accuracy in (0.90, 0.92, 0.94):
+        registry.promote(store, **_trained(), accuracy=accuracy, margin=0.01)
+    assert str(client.get_model_version_by_alias(store, "champion").version) == "3"
+    registry.pin(client, store, 1, "version 3 misbehaves in production")
+    assert str(client.get_model_version_by_alias(store, "champion").version) == "1"
+    assert client.get_model_version(store, "3").tags[registry.REJECTED] == "version 3 misbehaves in production"
+    fourth = registry.promote(store, **_trained(), accuracy=0.905, margin=0.01)  # beats 1, but not by the margin
+    assert (fourth["decision"], fourth["champion_version"]) == ("not_promoted", "1")
+    assert str(client.get_model_version_by_alias(store, "champion").version) == "1"
+    fifth = registry.promote(store, **_trained(), accuracy=0.93, margin=0.01)
+    assert (fifth["decision"], fifth["champion_version"], fifth["current_champion"]) == ("promoted", "1", "5")
+    with pytest.raises(UserError, match="has no version 9"):
+        registry.pin(client, store, 9, "no such version")
+
+
 PROMOTE_WHEN_TOLD = """
 import json, sys, time
 from pathlib import Path
 import mlflow
 from stages.lib import registry
+from stages.lib.errors import UserError
 store, model_uri, run_id, accuracy, ready, go, out = sys.argv[1:]
 mlflow.set_tracking_uri(store.split("|")[0])
 Path(ready).touch()
@@ -93,6 +140,7 @@ Path(out).write_text(json.dumps(result))
 """
 
 
+@pytest.mark.slow
 def test_two_evaluates_at_once_are_judged_one_after_the_other(store: str, tmp_path) -> None:
     """Two processes promoting into one SQLite registry at the same moment (two queued experiments' evaluate):
     the second reads the champion the first leaves, so only one of them is the first model."""
@@ -125,3 +173,82 @@ def test_two_evaluates_at_once_are_judged_one_after_the_other(store: str, tmp_pa
 
     champion = MlflowClient().get_model_version_by_alias(store, "champion")
     assert str(champion.version) == results["better"]["version"]
+
+
+# ---------------------------------------------------------------------------------------------- at once
+
+PROMOTE_WHEN_TOLD_ALL = """
+import json, sys, time
+from pathlib import Path
+from stages.lib import registry
+name, model_uri, run_id, accuracy, margin, go, out = sys.argv[1:]
+while not Path(go).exists():
+    time.sleep(0.01)
+Path(out).write_text(json.dumps(registry.promote(name, model_uri, run_id, float(accuracy), float(margin))))
+"""
+# Known test accuracies, several within the margin of each other
+ACCURACIES = (0.900, 0.905, 0.930, 0.935, 0.920, 0.950, 0.955, 0.940)
+MARGIN = 0.01
+
+
+def expected_champion(accuracy_of: dict[int, float]) -> int:
+    """The rule, written out for this test: in version order, a version takes over when it beats the champion
+    by more than zero and by at least the margin."""
+    champion = None
+    for number in sorted(accuracy_of):
+        if champion is None or accuracy_of[number] - accuracy_of[champion] >= MARGIN:
+            champion = number
+    return champion
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The environment of a registry: a SQLite file, or the team's server (PostgreSQL, basic auth)."""
+    import mlflow
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    if request.param == "postgres":
+        env = request.getfixturevalue("team").env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    mlflow.set_experiment(experiment_name=f"registry-{uuid.uuid4().hex}")
+    yield env
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_eight_evaluates_at_once_converge_to_the_rule(backend: dict[str, str], tmp_path) -> None:
+    """8 processes register and promote at the same moment: every one succeeds, every model is registered
+    exactly once, and the champion is the version the rule picks from the versions' order, whatever order
+    the processes finished in."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    name = f"cnn-{uuid.uuid4().hex[:8]}"
+    trained = [_trained() for _ in ACCURACIES]
+    env = {**os.environ, **backend}
+    procs = []
+    for i, (model, accuracy) in enumerate(zip(trained, ACCURACIES, strict=True)):
+        args = [name, model["model_uri"], model["run_id"], str(accuracy), str(MARGIN), str(tmp_path / "go")]
+        args.append(str(tmp_path / f"{i}.json"))
+        procs.append(subprocess.Popen([sys.executable, "-c", PROMOTE_WHEN_TOLD_ALL, *args], env=env))
+    (tmp_path / "go").touch()
+    assert [p.wait(timeout=600) for p in procs] == [0] * len(procs)
+
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name = '{name}'")
+    accuracy_of_run = {model["run_id"]: accuracy for model, accuracy in zip(trained, ACCURACIES, strict=True)}
+    assert sorted(v.run_id for v in versions) == sorted(accuracy_of_run)  # each model exactly once
+    accuracy_of = {int(v.version): accuracy_of_run[v.run_id] for v in versions}
+    champion = expected_champion(accuracy_of)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(champion)
+    results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(len(procs))]
+    for result in results:  # each decision is the rule's verdict on that version, against its predecessors
+        number = int(result["version"])
+        before = {n: a for n, a in accuracy_of.items() if n <= number}
+        assert (result["decision"] == "promoted") == (expected_champion(before) == number), result
