@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from stages.lib import runtime, tracking
+from tests.support.engines import missing
 from tests.support.repo import REPO, TINY, set_params
 from tests.support.servers import MlflowServer, PgServer, postgres_missing_reason, postgres_server, team_server
 
@@ -68,14 +69,6 @@ def stage_context(stage_dir: Callable[..., Path]) -> Callable[..., runtime.Stage
         return runtime.StageContext(stage, params, device, tracking.Tracker())
 
     return make
-
-
-def missing(reason: str) -> None:
-    """Skip a test whose engine is not installed, with the one line ``reason`` saying how to install it; in CI
-    (``CI`` set), which installs every engine, fail instead: a skip there would hide an untested path."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must install it: see .ci/run)")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
