@@ -97,6 +97,7 @@ def record(
             "replicas": model.distribute_strategy.num_replicas_in_sync,
             "micro_batches": training.micro_batches_used(config.micro_batches, config.strategy),
             "jit_compile": bool(model.jit_compile),
+            "precision": model.layers[0].dtype_policy.name,
             "tf_threads": training.thread_pools(),
         },
     )

@@ -123,6 +123,21 @@ def test_resolve_strategy(requested: str, gpus: int, used: str) -> None:
     assert training.resolve_strategy(requested, gpus) == used
 
 
+@pytest.mark.parametrize(
+    ("requested", "features", "used"),
+    [("auto", ["avx2", "fma"], "float32"), ("auto", ["avx512f", "avx512_bf16"], "mixed_bfloat16"),
+     ("auto", ["amx_bf16"], "mixed_bfloat16"), ("float32", ["amx_bf16"], "float32"),
+     ("mixed_bfloat16", ["avx2"], "mixed_bfloat16")],
+)  # fmt: skip
+def test_precision_auto_is_bfloat16_only_where_the_cpu_has_it(
+    requested: str, features: list[str], used: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stages.lib import environment
+
+    monkeypatch.setattr(environment, "cpu_features", lambda: features)
+    assert training.resolve_precision(requested) == used  # no GPU here
+
+
 def test_unknown_strategy_is_refused() -> None:
     with pytest.raises(ValueError, match=r"strategy = 'tpu': expected one of auto, single, mirrored"):
         training.resolve_strategy("tpu", 0)
@@ -186,7 +201,7 @@ def test_impossible_settings_are_refused_before_training(kwargs: dict, message: 
 def test_settings_from_params_read_every_key_and_name_the_section(stage_context) -> None:
     ctx = stage_context("train_cnn")
     config = training.TrainConfig.from_params(ctx.params.train_cnn)
-    assert config.epochs == 1 and config.precision == "mixed_bfloat16"  # TINY, and params.yaml's default
+    assert config.epochs == 1 and config.precision == "auto"  # TINY, and params.yaml's default
     assert ctx.params.reads == {f"train_cnn.{key}" for key in [*config.as_dict(), "device"]}
     bad = stage_context("train_cnn", {"train_cnn.micro_batches": 2, "train_cnn.batch_norm": True})
     with pytest.raises(UserError, match=r"^params\.yaml: train_cnn: micro_batches = 2 with batch_norm = true"):

@@ -123,7 +123,7 @@ class TrainCnn(_Section):
     batch_size: int = Field(ge=1)
     epochs: int = Field(ge=1)
     early_stopping_patience: int = Field(ge=0)
-    precision: Literal["float32", "mixed_bfloat16"]
+    precision: Literal["auto", "float32", "mixed_bfloat16"]
     steps_per_execution: int = Field(ge=1)
     strategy: Literal["auto", "single", "mirrored"]
     micro_batches: int = Field(ge=1, le=64)

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 BACKUP_HISTORY = "history.json"  # beside BackupAndRestore's files: the history of the epochs it holds
 STRATEGIES = ("auto", "single", "mirrored")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+# CPU features with native bfloat16 arithmetic: without them oneDNN emulates it, several times slower
+BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")
 # build_cnn's arguments among the settings (the others drive the fit)
 MODEL_KEYS = (
     "filters",
@@ -99,6 +102,8 @@ class TrainConfig:
             )
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy = {self.strategy!r}: expected one of {', '.join(STRATEGIES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision = {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         models.feature_map_sizes(self.filters, self.kernel_size, convs_per_block=self.convs_per_block)
 
     @classmethod
@@ -175,6 +180,23 @@ def strategy_name(strategy: tf.distribute.Strategy) -> str:
     import tensorflow as tf
 
     return "mirrored" if isinstance(strategy, tf.distribute.MirroredStrategy) else "single"
+
+
+def resolve_precision(requested: str) -> str:
+    """What ``train_cnn.precision`` = ``requested`` means here: ``auto`` is ``mixed_bfloat16`` where bfloat16 is
+    native (a GPU of compute capability 8.0 or newer; a CPU with AVX512-BF16 or AMX), else ``float32``;
+    the others mean themselves. Runs no TensorFlow op."""
+    if requested != "auto":
+        return requested
+    import tensorflow as tf
+
+    gpus = tf.config.get_visible_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        native = tuple(details.get("compute_capability") or (0, 0)) >= (8, 0)
+    else:
+        native = any(feature in environment.cpu_features() for feature in BF16_CPU_FEATURES)
+    return "mixed_bfloat16" if native else "float32"
 
 
 # ---------------------------------------------------------------------------------------------- input and seeds
@@ -343,6 +365,7 @@ def build(config: TrainConfig, steps_per_epoch: int) -> keras.Model:
     on_gpu = bool(tf.config.get_visible_devices("GPU"))
     distribution = distribution_strategy(config.strategy)
     kwargs = config.model_kwargs()
+    kwargs["precision"] = resolve_precision(config.precision)
     if distribution.num_replicas_in_sync > 1 and kwargs["steps_per_execution"] > 1:
         # "You must feed a value for placeholder tensor" from Keras' multi-step function on several replicas
         log.warning(
@@ -356,10 +379,11 @@ def build(config: TrainConfig, steps_per_epoch: int) -> keras.Model:
     if parts > 1:
         model.train_step = micro_batch_step(model, parts)
     log.info(
-        "Training with the %s strategy on %d replica(s), %d micro-batch(es) per batch, XLA %s",
+        "Training with the %s strategy on %d replica(s), %d micro-batch(es) per batch, %s, XLA %s",
         strategy_name(distribution),
         distribution.num_replicas_in_sync,
         parts,
+        kwargs["precision"] + (" (precision auto)" if config.precision == "auto" else ""),
         "on" if on_gpu else "off",
     )
     return model
