@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands (stages/run) and tests find the project's interpreter first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro retrain test check lint bench server team-server experiment clean
+.PHONY: setup repro retrain test check lint bench server team-server experiment screenshots clean
 
 # versions.yaml: the installed versions that decide results, an input of the stages that depend on them
 setup: $(STAMP)
@@ -57,6 +57,11 @@ team-server: setup
 #   make experiment NAME=ridge-10 SET="-S baselines.ridge.alpha=10.0"
 experiment: setup
 	$(BIN)/python -m stages.commands.experiment --name "$(NAME)" $(SET)
+
+# The MLflow UI pictures of docs/mlflow.md: two tiny pipeline runs on a fresh server, shown in headless
+# Chromium by the UI test's own set-up (tests/support/ui.py); writes docs/images/mlflow-*.png
+screenshots: setup
+	$(BIN)/python -m tests.support.ui docs/images
 
 clean:
 	rm -rf $(VENV)

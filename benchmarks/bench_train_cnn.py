@@ -4,8 +4,8 @@ Every variant trains the default CNN (Conv32-Pool-Conv64-Pool-Conv64-Dense64-Den
 batch 64, 5 epochs, seed 42) on ``data/prepared/train.npz`` (55000 images, no augmentation) and is scored
 on ``data/prepared/test.npz``. Levers: float32 vs mixed_bfloat16, steps_per_execution 1 vs 25/50/100,
 micro-batches 1 vs 2 (``micro2``: each batch in two halves trained at once, one per core), the tf.data
-pipeline of ``train()`` vs ``model.fit`` on NumPy arrays. Without ``--variants`` it runs
-``DEFAULT_VARIANTS``: the source script, each lever added in turn, and params.yaml's defaults. ``source``
+pipeline of ``train()`` vs ``model.fit`` on NumPy arrays; ``--variants`` picks them (``DEFAULT_VARIANTS``:
+the source script and each lever added in turn), ``defaults`` is params.yaml's settings. ``source``
 is the source document's script as written (float32, ``model.fit`` on NumPy, no validation); the other
 variants validate on ``data/prepared/val.npz`` every epoch as the stage does. ``* aug110k`` trains on what
 the augment stage makes of it with params.yaml's defaults (originals + one augmented copy: 110000 images),
@@ -20,7 +20,10 @@ epoch of the pipeline's ``train()`` with params.yaml's train_cnn settings on the
 (``data/augmented/train.npz``, else the prepared split augmented as params.yaml says), validation
 included, on whatever device TensorFlow sees (a GPU when one is visible; train() itself then picks the
 strategy and XLA, as in the stage): the first epoch (tracing, warm-up) and the median of the others.
-``make bench`` runs both.
+
+``make bench`` (no options) runs the source script against ``defaults`` in 5 alternating pairs, one seed
+per pair (``--pairs N``): the speed-up per training image, its median and spread, and whether the
+defaults' mean test accuracy is within 0.002 of the source's; then the seconds per epoch.
 
 Run with ``python -m benchmarks train_cnn`` or ``python benchmarks/bench_train_cnn.py --variants ...``.
 """
@@ -66,7 +69,11 @@ VARIANTS: dict[str, tuple[str, str, int, int, int]] = {
     "fp32 aug110k": ("augmented", "float32", 1, 2, 1),
     "bf16 spe50 aug110k": ("augmented", BF16, 50, 2, 1),
     "bf16 spe50 micro2 aug110k": ("augmented", BF16, 50, 2, 2),
+    # params.yaml's train_cnn settings as the stage maps them (precision, steps_per_execution, micro-batches)
+    "defaults": ("defaults", "params.yaml", 0, 1, 0),
 }
+PAIRS = 5  # source against defaults, alternating, one seed per pair
+ACCURACY_SLACK = 0.002  # equal accuracy: the defaults' mean at most this much below the source's
 # What `make bench` runs: the source script, the levers one at a time, and params.yaml's defaults
 DEFAULT_VARIANTS = ["source", "fp32 spe50", "bf16 spe50", "bf16 spe50 micro2"]
 HOW = {
@@ -74,6 +81,7 @@ HOW = {
     "numpy": "build_cnn + fit(NumPy), validation",
     "train": "training.train(): tf.data, validation",
     "augmented": "train(), on augmented 110000 images",
+    "defaults": "train() with params.yaml's train_cnn settings",
 }
 
 
@@ -168,6 +176,8 @@ def worker(name: str, seed: int = SEED) -> dict[str, Any]:
         config = training.TrainConfig(
             precision=precision, steps_per_execution=spe, micro_batches=micro, batch_size=BATCH, epochs=EPOCHS
         )
+        if how == "defaults":
+            config = pipeline_settings(EPOCHS)[0]
         model, _ = training.train(x_train, y_train, x_val, y_val, config, seed=seed)
     fit_s, cpu_s = time.perf_counter() - start, _cpu_s() - cpu_start
     _, test_accuracy = model.evaluate(to_model_input(x_test), one_hot(y_test), batch_size=1024, verbose=0)
@@ -264,11 +274,18 @@ def _run_worker(name: str, seed: int, extra: list[str] | None = None) -> dict[st
     return json.loads(lines[-1])
 
 
-def main(
-    variants: list[str] | None = None, repeats: int = 1, seed: int = SEED, epoch_time_too: bool = True
-) -> dict[str, dict[str, Any]]:
-    """Run the variants (all by default) ``repeats`` times, alternating; print a table and return the results.
-    With ``epoch_time_too``, then print the seconds per epoch of the pipeline's settings (:func:`epoch_time`)."""
+def main() -> dict[str, Any]:
+    """What ``make bench`` prints: the source script against the defaults (:func:`pairs`), then the seconds per
+    epoch of the pipeline's settings on its own training set (:func:`epoch_time`)."""
+    result = {"pairs": pairs()}
+    print()
+    result["epoch time"] = epoch_time()
+    return result
+
+
+def levers(variants: list[str] | None = None, repeats: int = 1, seed: int = SEED) -> dict[str, dict[str, Any]]:
+    """Run the variants (``DEFAULT_VARIANTS`` unless named) ``repeats`` times, alternating; print a table of
+    their fit times, speed-ups against the first (the source script) and accuracies; return the results."""
     names = variants or DEFAULT_VARIANTS
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for r in range(repeats):
@@ -303,10 +320,33 @@ def main(
             f"{name:<26}{HOW[how]:<43}{precision:<16}{spe:>4}{micro:>6}{s['train_size']:>9}{s['fit_s']:>8.1f}"
             f"{base / s['fit_s']:>8.2f}×{s['cpu_s']:>8.1f}{s['test_accuracy']:>10.4f}{s['peak_rss_mb']:>8.0f}MB"
         )
-    if epoch_time_too:
-        print()
-        summary["epoch time"] = epoch_time()
     return summary
+
+
+def pairs(n: int = PAIRS, first_seed: int = SEED) -> dict[str, Any]:
+    """The source script against params.yaml's defaults, ``n`` alternating pairs, seed ``first_seed + i`` for
+    pair ``i``, same data (55000 prepared images, 5 epochs): the speed-up per pair (per training image), its
+    median and spread, and both mean test accuracies."""
+    rows = []
+    for i in range(n):
+        seed = first_seed + i
+        source, defaults = _run_worker("source", seed), _run_worker("defaults", seed)
+        rows.append((seed, source, defaults, source["fit_s"] / defaults["fit_s"]))
+        print(
+            f"  pair {i + 1}/{n}, seed {seed}: source {source['fit_s']:.1f} s ({source['test_accuracy']:.4f}), "
+            f"defaults {defaults['fit_s']:.1f} s ({defaults['test_accuracy']:.4f}): {rows[-1][3]:.2f}×",
+            flush=True,
+        )
+    ratios = [r[3] for r in rows]
+    acc = {k: statistics.mean(r[j]["test_accuracy"] for r in rows) for j, k in ((1, "source"), (2, "defaults"))}
+    equal = acc["defaults"] >= acc["source"] - ACCURACY_SLACK
+    print(
+        f"CNN training, params.yaml's defaults against the source script: median {statistics.median(ratios):.2f}× "
+        f"over {n} pairs (spread {min(ratios):.2f}–{max(ratios):.2f}×); mean test accuracy source "
+        f"{acc['source']:.4f}, defaults {acc['defaults']:.4f} ({'equal' if equal else 'LOWER'}: "
+        f"within {ACCURACY_SLACK})"
+    )
+    return {"ratios": ratios, "median": statistics.median(ratios), "accuracy": acc, "equal_accuracy": equal}
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -315,6 +355,7 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant, alternating (default 1)")
     parser.add_argument("--seed", type=int, default=SEED, help=f"training seed (default {SEED})")
     parser.add_argument("--epoch-time", action="store_true", help="only seconds per epoch of the pipeline's train()")
+    parser.add_argument("--pairs", type=int, help="only the source script against the defaults, in N pairs")
     parser.add_argument("--epochs", type=int, default=3, help="epochs timed with --epoch-time (default 3)")
     parser.add_argument("--worker", choices=[*VARIANTS, "epoch-time"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -324,12 +365,14 @@ def cli(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(args.worker, args.seed)))
     elif args.epoch_time:
         epoch_time(args.epochs)
+    elif args.pairs:
+        pairs(args.pairs, args.seed)
     else:
         chosen = [v.strip() for v in args.variants.split(",")] if args.variants else None
         unknown = [v for v in chosen or [] if v not in VARIANTS]
         if unknown:
             parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-        main(chosen, args.repeats, args.seed, epoch_time_too=chosen is None)
+        levers(chosen, args.repeats, args.seed)
 
 
 if __name__ == "__main__":

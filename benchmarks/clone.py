@@ -27,21 +27,28 @@ def env(clone: Path) -> dict[str, str]:
     return out
 
 
-def run(cmd: list[str], cwd: Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    """Run ``cmd`` in ``cwd`` with :func:`env`; raise with its output when it fails."""
-    proc = subprocess.run(cmd, cwd=cwd, env=env(cwd), capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+def run(
+    cmd: list[str], cwd: Path, extra_env: dict[str, str] | None = None, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in ``cwd`` with :func:`env` (and ``extra_env``); raise with its output when it fails."""
+    environment = {**env(cwd), **(extra_env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=environment, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed in {cwd} (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def make_clone(prefix: str, outputs: tuple[str, ...] = ("data", "models")) -> Path:
-    """Clone HEAD into a new temporary directory and copy ``outputs`` from the working copy; return its root."""
+def make_clone(prefix: str, outputs: tuple[str, ...] = ("data", "models"), rev: str | None = None) -> Path:
+    """Clone HEAD (or commit ``rev``) into a new temporary directory and copy ``outputs`` from the working
+    copy; return its root."""
     missing = [name for name in outputs if not (ROOT / name).is_dir()]
     if missing:
         raise SystemExit(f"{', '.join(missing)} not found in {ROOT}: run `make repro` first")
     clone = Path(tempfile.mkdtemp(prefix=prefix)) / "repo"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    if rev is not None:
+        commit = subprocess.run(["git", "rev-parse", rev], cwd=ROOT, capture_output=True, text=True, check=True)
+        subprocess.run(["git", "checkout", "-q", commit.stdout.strip()], cwd=clone, check=True)
     for name in outputs:
         shutil.copytree(ROOT / name, clone / name, dirs_exist_ok=True)
     return clone

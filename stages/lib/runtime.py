@@ -12,10 +12,12 @@ The resolved device (``cpu`` or the GPU's name) is returned so the stage records
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -151,7 +153,9 @@ def stage(name: str) -> Iterator[StageContext]:
 
         settings = pipeline.settings(name)
         with tracking.stage_run(name, params, device, system_metrics=settings.system_metrics) as tracker:
+            begun = time.perf_counter()
             yield StageContext(name, params, device, tracker)
+            report_time(name, time.perf_counter() - begun, tracker.seconds)
             warn_unread(params, tracker)
     except UserError as exc:
         log.error("%s", exc)
@@ -174,6 +178,19 @@ def load_stage(name: str, quiet_tensorflow: bool = False) -> tuple[params_lib.St
     if quiet_tensorflow and uses_tensorflow and params.settings.log_level != "DEBUG":
         tflog.quiet()
     return params, resolve_device(name, f"{params.device_section}.device", section.device, uses_tensorflow)
+
+
+TIMINGS = "PIPELINE_TIMINGS"  # a file to append each stage's timing to (JSON lines), for the benchmarks
+
+
+def report_time(stage: str, seconds: float, tracking_seconds: float) -> None:
+    """Log how long the stage's work took and how much of that was recording it; append both to the file
+    ``$PIPELINE_TIMINGS`` when set (``python -m benchmarks overhead`` compares them with the process's time)."""
+    compute = seconds - tracking_seconds
+    log.info("%s: %.1f s of work, %.1f s of recording it in MLflow", stage, compute, tracking_seconds)
+    if path := os.environ.get(TIMINGS):
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps({"stage": stage, "compute_s": compute, "tracking_s": tracking_seconds}) + "\n")
 
 
 def warn_unread(params: params_lib.StageParams, tracker: Tracker) -> None:

@@ -20,6 +20,7 @@ MLflow is imported here only, inside functions, so stage modules stay cheap to i
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,7 @@ class Tracker:
 
     run_id = ""
     enabled = False  # whether runs and models go to MLflow (and so whether there is a registry)
+    seconds = 0.0  # time spent recording (the stage's own work is the rest of its run)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Add ``metrics`` to the stage's run (at ``step``, e.g. the epoch)."""
@@ -164,19 +166,36 @@ class Tracker:
         """Attach a matplotlib figure to the run as the image ``artifact_file`` (a PNG path in its artifacts)."""
 
 
+def _timed(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the time a tracker method takes to its tracker's ``seconds``."""
+
+    @functools.wraps(method)
+    def timed(self: Tracker, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    return timed
+
+
 class MlflowTracker(Tracker):
-    """A stage's MLflow run (the active run of this process)."""
+    """A stage's MLflow run (the active run of this process). ``seconds``: the time its calls took."""
 
     enabled = True
 
     def __init__(self, run_id: str):
         self.run_id = run_id
+        self.seconds = 0.0
 
+    @_timed
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         import mlflow
 
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    @_timed
     def log_metrics_to_run(self, run_id: str, metrics: Mapping[str, float]) -> None:
         """Add ``metrics`` to another run of the store; warn if it is not there."""
         from mlflow.entities import Metric
@@ -194,11 +213,13 @@ class MlflowTracker(Tracker):
                 self.run_id,
             )
 
+    @_timed
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         import mlflow
 
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    @_timed
     def log_input(self, path: str | os.PathLike[str], context: str) -> str:
         """Record a data input: its DVC hash (md5 of the file) as digest, its path as source. Returns the hash."""
         import mlflow
@@ -213,6 +234,7 @@ class MlflowTracker(Tracker):
         mlflow.log_input(MetaDataset(source=source, name=str(path), digest=digest), context=context)
         return digest
 
+    @_timed
     def log_model(self, flavor: str, model: Any, input_example: Any, packages: tuple[str, ...], **kwargs: Any) -> str:
         """Log ``model`` as this run's MLflow model (artifact ``model``) with the ``flavor`` module
         (``tensorflow``, ``sklearn``), a signature inferred from ``input_example`` and the model's output on it,
@@ -239,11 +261,13 @@ class MlflowTracker(Tracker):
         )
         return info.model_uri
 
+    @_timed
     def set_tags(self, tags: Mapping[str, str]) -> None:
         import mlflow
 
         mlflow.set_tags(dict(tags))
 
+    @_timed
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         import mlflow
 
