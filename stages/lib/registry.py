@@ -27,6 +27,8 @@ writer's repair undoes it. Moving the alias by hand without these tags is undone
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -201,7 +203,9 @@ def register(client: Any, name: str, model_uri: str, run_id: str, tags: Mapping[
                 client.delete_model_version(name, duplicate.version)
             return existing[0], attempt > 0
         try:
-            mlflow.register_model(model_uri, name, tags=dict(tags))
+            with contextlib.redirect_stderr(io.StringIO()) as said:  # MLflow prints what the decision line says
+                mlflow.register_model(model_uri, name, tags=dict(tags))
+            log.debug("%s", said.getvalue().strip())
         except MlflowException as exc:
             log.warning("registering %s failed (%s); checking and retrying", name, exc.message.splitlines()[0])
             time.sleep(0.5 * (attempt + 1))

@@ -35,13 +35,21 @@ log = logging.getLogger(__name__)
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """One line per record on stderr (time, level, logger, message), unless the host already set up logging."""
+    """One line per record on stderr (time, level, logger, message), unless the host already set up logging.
+
+    MLflow's own records go through the same handler (MLflow is told not to set up its own) and show from
+    WARNING up, as do those of alembic (its database migrations): their INFO lines (system metrics started
+    and stopped, tables created) say nothing a user acts on. ``settings.log_level: DEBUG`` shows everything.
+    """
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
         root.addHandler(handler)
     root.setLevel(level)
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # read when MLflow is first imported
+    for library in ("mlflow", "alembic"):  # alembic: MLflow's database migrations
+        logging.getLogger(library).setLevel(level if level == "DEBUG" else max(logging.WARNING, root.level))
 
 
 def hide_gpus() -> None:
