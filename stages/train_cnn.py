@@ -121,7 +121,8 @@ def run(args: argparse.Namespace, ctx: runtime.StageContext) -> None:
     )
 
     # Build and fit, resuming from the backup an interrupted run left
-    backup = training.backup_dir_for(tracking.repo_root(), ctx.params.flat(), inputs)
+    # In the workspace, not the repository: queued experiments with the same train_cnn run side by side
+    backup = training.backup_dir_for(Path.cwd(), ctx.params.flat(), inputs)
     start = time.perf_counter()
     model, history = training.train(
         x_train,

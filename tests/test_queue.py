@@ -35,7 +35,9 @@ def store(request: pytest.FixtureRequest) -> dict[str, str]:
     return {} if request.param == "repository" else request.getfixturevalue("team").env()
 
 
-def test_two_queued_experiments_land_in_the_store(tmp_path: Path, store: dict[str, str]) -> None:
+def test_two_queued_experiments_land_in_the_store(
+    tmp_path: Path, store: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tiny_repo(tmp_path / "repo")
     if store:  # the team server is shared: an experiment of this test's own
         set_params(root / "params.yaml", {"settings.mlflow_experiment": f"queue-{tmp_path.name}"})
@@ -47,15 +49,18 @@ def test_two_queued_experiments_land_in_the_store(tmp_path: Path, store: dict[st
         status = wait_for_queue(root)
     finally:
         stop_workers(root)
-    logs = "".join(
-        subprocess.run(
+    logs = {
+        name: subprocess.run(
             ["dvc", "queue", "logs", name], cwd=root, env=command_env(), capture_output=True, text=True
         ).stdout
         for name in EXPERIMENTS
-    )
-    assert "Failed" not in status, f"{status}\n{logs[-5000:]}"
-    assert "database is locked" not in logs
+    }
+    failed = [name for name in EXPERIMENTS if any(name in line and "Failed" in line for line in status.splitlines())]
+    assert "Failed" not in status, status + "".join(f"\n--- {name}:\n{logs[name][-8000:]}" for name in failed)
+    assert not any("database is locked" in log for log in logs.values())
 
+    for key, value in store.items():  # this process reads the server with the same credentials
+        monkeypatch.setenv(key, value)
     runs = mlflow_runs(store.get("MLFLOW_TRACKING_URI") or default_store(root))  # not the workspaces' store
     assert not list((root / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
     assert bool(store) != (root / "mlflow.db").exists()

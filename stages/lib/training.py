@@ -303,7 +303,8 @@ def micro_batch_step(model: keras.Model, parts: int) -> Callable[[Any], dict[str
 
 def backup_dir_for(root: Path, params: dict[str, Any], inputs: dict[str, str]) -> Path:
     """Where train_cnn keeps its resumable state: ``<root>/.dvc/tmp/train_cnn-backup/<key>``, outside
-    every DVC output, keyed by the sha256 of the stage's params and input hashes (a change starts over)."""
+    every DVC output, keyed by the sha256 of the stage's params and input hashes (a change starts over).
+    ``root`` is the workspace: queued experiments training the same CNN side by side keep a backup each."""
     blob = json.dumps({"params": params, "inputs": sorted(inputs.values())}, sort_keys=True)
     return root / ".dvc" / "tmp" / "train_cnn-backup" / hashlib.sha256(blob.encode()).hexdigest()
 
