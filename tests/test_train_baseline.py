@@ -109,6 +109,36 @@ def test_the_same_fitted_model_saves_to_the_same_bytes(tmp_path: Path, data: dic
     )
 
 
+FIT_AND_HASH = """
+import hashlib, sys, tempfile
+import numpy as np
+from stages.lib import baselines
+rng = np.random.default_rng(0)
+x = (rng.random((500, 784)) < 0.2) * rng.random((500, 784))
+y = np.eye(10)[rng.integers(0, 10, 500)]
+model = baselines.fit_baseline(baselines.build_baseline(sys.argv[1], 0.001), x, y)
+with tempfile.TemporaryDirectory() as tmp:
+    baselines.save_sklearn(model, f"{tmp}/m.skops")
+    print(hashlib.md5(open(f"{tmp}/m.skops", "rb").read()).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_lasso_fits_in_fresh_processes_save_to_the_same_bytes() -> None:
+    """A fresh process' Lasso held one of two dual gaps (:func:`baselines.round_dual_gap`), and so did its file."""
+    hashes = {
+        subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", FIT_AND_HASH, "lasso"],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for _ in range(4)
+    }
+    assert len(hashes) == 1, hashes
+
+
 def test_load_refuses_unknown_class(tmp_path: Path, data: dict[str, np.ndarray]) -> None:
     model = baselines.fit_baseline(baselines.build_baseline("ridge", 1.0), data["x"], one_hot(data["y"]))
     model.extra_ = NotAModel()
