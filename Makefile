@@ -31,8 +31,9 @@ lint: setup
 	$(BIN)/actionlint .github/workflows/*.yml
 	$(BIN)/check-jsonschema --builtin-schema vendor.renovate .github/renovate.json
 
+# one worker per core, each test module on one worker (module fixtures, servers per worker)
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile
 
 # lint and the fast tests (no real dvc repro, servers or fresh training processes); CI runs `make test`
 check: lint
