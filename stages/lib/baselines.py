@@ -87,14 +87,10 @@ def fit_baseline(model: LinearBaseline, x_flat: np.ndarray, y_onehot: np.ndarray
     Float64 keeps the fast Lasso path on the plain fit's solution and Ridge's normal equations
     well conditioned. scikit-learn warns (``ConvergenceWarning``) when the Lasso stops at ``max_iter``.
 
-    BLAS runs on one thread: with OpenBLAS' threads the Gram matrix, and so the Lasso's coefficients,
-    depend on the core count; on one thread the fit is as fast (1.65 s against 1.6 s for the full Lasso)
-    and the same on every machine with the same BLAS kernels.
+    OpenBLAS splits the Gram matrix over its threads, so the Lasso's last bits depend on the core count
+    (on one thread the full Lasso took 1.9 to 2.8 s instead of 1.2 to 1.3 s on two cores).
     """
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
-        return model.fit(np.asarray(x_flat, dtype=np.float64), np.asarray(y_onehot, dtype=np.float64))
+    return model.fit(np.asarray(x_flat, dtype=np.float64), np.asarray(y_onehot, dtype=np.float64))
 
 
 def predict_scores(model: LinearBaseline, x_flat: np.ndarray) -> np.ndarray:
