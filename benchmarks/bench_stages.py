@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -36,9 +37,12 @@ TARGET_S = 30.0  # every stage but fetch within the CNN's fit plus this
 
 
 def set_epochs(repo: Path, epochs: int) -> None:
+    """Set train_cnn's ``epochs`` in ``repo``'s params.yaml (the only ``epochs:`` key at two spaces)."""
     params = repo / "params.yaml"
-    text = params.read_text()
-    params.write_text(text.replace("\n  epochs: 5 ", f"\n  epochs: {epochs} ", 1))
+    text, found = re.subn(r"(?m)^(  epochs: )\d+", rf"\g<1>{epochs}", params.read_text(), count=1)
+    if not found:
+        raise SystemExit(f"{params}: no `  epochs:` line to set")
+    params.write_text(text)
 
 
 def run_stage(repo: Path, stage: str) -> dict[str, float]:
