@@ -173,11 +173,12 @@ def worker(name: str, seed: int = SEED) -> dict[str, Any]:
             verbose=2,
         )
     else:
-        config = training.TrainConfig(
-            precision=precision, steps_per_execution=spe, micro_batches=micro, batch_size=BATCH, epochs=EPOCHS
-        )
         if how == "defaults":
             config = pipeline_settings(EPOCHS)[0]
+        else:
+            config = training.TrainConfig(
+                precision=precision, steps_per_execution=spe, micro_batches=micro, batch_size=BATCH, epochs=EPOCHS
+            )
         model, _ = training.train(x_train, y_train, x_val, y_val, config, seed=seed)
     fit_s, cpu_s = time.perf_counter() - start, _cpu_s() - cpu_start
     _, test_accuracy = model.evaluate(to_model_input(x_test), one_hot(y_test), batch_size=1024, verbose=0)
