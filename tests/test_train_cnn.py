@@ -60,6 +60,7 @@ def test_train_bfloat16_with_more_steps_per_execution_than_steps(data: dict[str,
     assert len(history["loss"]) == 2 and history["loss"][1] < history["loss"][0]
 
 
+@pytest.mark.slow  # two or more trainings compared
 def test_train_is_deterministic_for_a_seed(data: dict[str, np.ndarray]) -> None:
     first, h1 = _fit(data, epochs=1, seed=5, dropout=0.2)
     second, h2 = _fit(data, epochs=1, seed=5, dropout=0.2)
@@ -102,6 +103,7 @@ def test_epoch_order_and_seeds_depend_on_seed_and_epoch_only() -> None:
     assert all(0 <= s < 2**31 - 1 for s in seeds)
 
 
+@pytest.mark.slow  # two or more trainings compared
 def test_resumed_training_equals_uninterrupted_training(data: dict[str, np.ndarray], tmp_path: Path) -> None:
     # Dropout and bfloat16 on: every epoch's order and dropout masks must not depend on the epochs before
     kwargs = {"dropout": 0.3, "precision": "mixed_bfloat16", "steps_per_execution": 5, "learning_rate": 3e-3}
@@ -154,6 +156,7 @@ def test_auto_strategy_without_gpu_trains_on_one_device_without_xla(data: dict[s
     assert not model.jit_compile  # XLA is slower than TensorFlow's kernels for this model on the CPU
 
 
+@pytest.mark.slow  # two or more trainings compared
 def test_micro_batches_make_the_update_of_the_whole_batch(data: dict[str, np.ndarray]) -> None:
     # float32 and no dropout, so the only difference is rounding; the L2 term checks the loss weighting. After
     # an epoch (13 Adam steps) rounding moved weights by up to 7e-5 on an AVX2 CPU (kernels sum in another
@@ -170,6 +173,7 @@ def test_micro_batches_make_the_update_of_the_whole_batch(data: dict[str, np.nda
     assert "micro_batch_step" not in whole.train_step.__qualname__
 
 
+@pytest.mark.slow  # two or more trainings compared
 def test_micro_batches_are_deterministic_with_dropout_and_bfloat16(data: dict[str, np.ndarray]) -> None:
     kwargs = {"epochs": 1, "dropout": 0.3, "precision": "mixed_bfloat16", "micro_batches": 2, "seed": 3}
     first, h1 = _fit(data, **kwargs)
