@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,13 +56,23 @@ def test_the_rule_walks_the_versions_in_order(versions, champion, challenger, cr
     assert [n for n, verdict in sorted(outcome.verdicts.items()) if verdict.promoted] == crowned
 
 
+def _new_experiment(artifacts_in: Path | None) -> None:
+    """A fresh experiment, made active; with ``artifacts_in``, its artifacts go there (a SQLite store's
+    default is ./mlruns in the working directory: the repository)."""
+    import mlflow
+
+    location = (artifacts_in / "mlartifacts").as_uri() if artifacts_in else None
+    name = f"registry-{uuid.uuid4().hex}"
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment(name, artifact_location=location))
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment(experiment_name=f"registry-{uuid.uuid4().hex}")
+    _new_experiment(tmp_path)
     yield f"cnn-{uuid.uuid4().hex}"
     mlflow.set_tracking_uri(None)
 
@@ -212,7 +223,7 @@ def backend(request: pytest.FixtureRequest, tmp_path, monkeypatch: pytest.Monkey
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    mlflow.set_experiment(experiment_name=f"registry-{uuid.uuid4().hex}")
+    _new_experiment(tmp_path if request.param != "postgres" else None)
     yield env
     mlflow.set_tracking_uri(None)
 
