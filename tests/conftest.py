@@ -15,7 +15,14 @@ import pytest
 from stages.lib import runtime, tracking
 from tests.support.engines import missing
 from tests.support.repo import REPO, TINY, set_params
-from tests.support.servers import MlflowServer, PgServer, postgres_missing_reason, postgres_server, team_server
+from tests.support.servers import (
+    TEAM_DATABASE,
+    MlflowServer,
+    PgServer,
+    postgres_missing_reason,
+    postgres_server,
+    team_server,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -83,5 +90,5 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
 @pytest.fixture(scope="session")
 def team(postgres: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """The team's tracking server (``make team-server``: PostgreSQL backend, basic auth), shared by the session."""
-    with team_server(postgres.create_database("mlflow"), tmp_path_factory.mktemp("team-server")) as server:
+    with team_server(postgres.create_database(TEAM_DATABASE), tmp_path_factory.mktemp("team-server")) as server:
         yield server

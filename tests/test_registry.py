@@ -263,3 +263,63 @@ def test_eight_evaluates_at_once_converge_to_the_rule(backend: dict[str, str], t
         number = int(result["version"])
         before = {n: a for n, a in accuracy_of.items() if n <= number}
         assert (result["decision"] == "promoted") == (expected_champion(before) == number), result
+
+
+def test_an_alias_created_by_two_writers_at_once_is_read_again(postgres, team, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's store sets an alias by reading and then inserting, so two evaluates creating ``champion`` at once
+    collide on the alias's unique key in PostgreSQL. Here the other writer is a transaction that inserted the
+    alias (to the wrong version) and commits only once this evaluate's insert waits on it: the evaluate's insert
+    is refused, and converging reads again and moves the alias to where the rule says."""
+    import threading
+    import time
+
+    import mlflow
+    import sqlalchemy as sa
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy.pool import NullPool
+
+    from tests.support.servers import TEAM_DATABASE
+
+    for key, value in team.env().items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(team.uri)
+    _new_experiment(None)
+    client, name = MlflowClient(), f"cnn-{uuid.uuid4().hex[:8]}"
+    for accuracy in (0.90, 0.95):
+        trained = _trained()
+        registry.register(client, name, trained["model_uri"], trained["run_id"], {registry.ACCURACY: str(accuracy)})
+
+    engine = sa.create_engine(postgres.url(TEAM_DATABASE, superuser=True), poolclass=NullPool)
+    waiting = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :db AND wait_event_type = 'Lock'")
+    outcome: dict[str, object] = {}
+
+    def evaluate() -> None:
+        try:
+            outcome["champion"] = registry.converge(client, name).champion
+        except Exception as exc:  # the test's thread reports it below
+            outcome["error"] = exc
+
+    try:
+        with engine.connect() as other, engine.connect() as watcher:
+            other.execute(
+                sa.text(
+                    "INSERT INTO registered_model_aliases (workspace, name, alias, version) "
+                    "SELECT workspace, name, 'champion', 1 FROM registered_models WHERE name = :name"
+                ),
+                {"name": name},
+            )  # not committed yet: the evaluate's insert of the same alias waits on it
+            thread = threading.Thread(target=evaluate)
+            thread.start()
+            deadline = time.monotonic() + 60
+            while watcher.execute(waiting, {"db": TEAM_DATABASE}).scalar() == 0:
+                assert thread.is_alive() and time.monotonic() < deadline, outcome
+                watcher.rollback()  # a fresh snapshot of pg_stat_activity
+                time.sleep(0.05)
+            other.commit()
+            thread.join(60)
+    finally:
+        engine.dispose()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["champion"].number == 2
+    assert str(client.get_model_version_by_alias(name, registry.CHAMPION).version) == "2"
+    mlflow.set_tracking_uri(None)

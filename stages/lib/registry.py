@@ -16,7 +16,8 @@ unconditionally), so an evaluate registers its version, then reads the registry,
 where the rule says, reads back and repairs, until what it reads agrees with the rule (:func:`converge`).
 A writer that computed from an older read may move an alias back for a moment; its own read-back repairs
 it, and the last writer to read back has seen every version, so the aliases end where the rule says
-whatever the order. MLflow numbers a new version by reading the highest and adding one; registrations of
+whatever the order. Two writers creating the same alias at once collide on its unique key; the one refused
+reads again. MLflow numbers a new version by reading the highest and adding one; registrations of
 the same model queue on the registered model's row, and a registration that still fails is retried after
 checking that the version is not already there, so each training run has exactly one version.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -163,20 +165,32 @@ def read_aliases(client: Any, name: str) -> dict[str, int]:
 def converge(client: Any, name: str) -> Outcome:
     """Move the aliases to where the rule says, read back, and repair until the registry agrees with the rule
     over what it holds; return the rule's outcome (see the module docstring)."""
-    for _ in range(CONVERGE_ROUNDS):
+    from mlflow.exceptions import MlflowException
+
+    refused = ""
+    for attempt in range(CONVERGE_ROUNDS):
         held = read_aliases(client, name)  # before the versions: every version an alias names is then read too
         outcome = walk(read_versions(client, name))
         wanted = aliases_of(outcome)
         if held == wanted:
             return outcome
-        for alias in (CHAMPION, CHALLENGER):
-            if alias in wanted and held.get(alias) != wanted[alias]:
-                client.set_registered_model_alias(name, alias, str(wanted[alias]))
-            elif alias not in wanted and alias in held:
-                client.delete_registered_model_alias(name, alias)
+        try:
+            for alias in (CHAMPION, CHALLENGER):
+                if alias in wanted and held.get(alias) != wanted[alias]:
+                    client.set_registered_model_alias(name, alias, str(wanted[alias]))
+                elif alias not in wanted and alias in held:
+                    client.delete_registered_model_alias(name, alias)
+        except MlflowException as exc:
+            # MLflow's store sets an alias by reading, then inserting or updating: when two writers create the
+            # same alias at once, the later insert breaks the alias's unique key (PostgreSQL, MySQL). The other
+            # writer's alias is there now; the next round reads it and moves it if the rule says so.
+            refused = exc.message.splitlines()[0]
+            log.info("moving the aliases of %s collided with another writer (%s); reading again", name, refused)
+            time.sleep(random.uniform(0.05, 0.25) * (attempt + 1))
+    why = f" (last refusal: {refused})" if refused else "; another writer keeps moving them"
     raise UserError(
-        f"model registry: the aliases of {name} did not settle after {CONVERGE_ROUNDS} rounds of read-back; "
-        "another writer keeps moving them: run evaluate again (dvc repro --force evaluate)"
+        f"model registry: the aliases of {name} did not settle after {CONVERGE_ROUNDS} rounds of read-back{why}: "
+        "check the tracking server and run evaluate again (dvc repro --force evaluate)"
     )
 
 

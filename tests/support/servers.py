@@ -43,6 +43,7 @@ def free_port() -> int:
 
 
 PG_INSTALL_HINT = "apt-get install -y postgresql"
+TEAM_DATABASE = "mlflow"  # the team server's backend store (conftest's ``team`` fixture)
 PG_SYSTEM_USER = "postgres"
 
 
