@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.commands.server import allowed_hosts_warning
 from tests.support.repo import ALL_STAGES, children, command_env, parents, run, set_params, tiny_repo
-from tests.support.servers import MlflowServer, http_status
+from tests.support.servers import TEAM_HOST, MlflowServer, http_status
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +66,19 @@ def test_a_request_without_credentials_is_refused(team: MlflowServer) -> None:
     assert http_status(api) == 401
     assert http_status(api, {"Authorization": "Basic bm9ib2R5Om5vcGFzc3dvcmQ="}) == 401  # nobody:nopassword
     assert http_status(api, team.auth_header()) == 200
+
+
+def test_the_server_answers_the_host_names_it_is_given(team: MlflowServer) -> None:
+    api = f"{team.uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert http_status(api, {**team.auth_header(), "Host": TEAM_HOST}) == 200
+    assert http_status(api, {**team.auth_header(), "Host": "elsewhere.example"}) == 403
+
+
+def test_a_server_beyond_loopback_without_allowed_hosts_is_warned_about() -> None:
+    assert allowed_hosts_warning("0.0.0.0", "") is not None
+    assert "MLFLOW_SERVER_ALLOWED_HOSTS" in allowed_hosts_warning("0.0.0.0", "")
+    assert allowed_hosts_warning("0.0.0.0", "mlflow.internal") is None
+    assert allowed_hosts_warning("127.0.0.1", "") is None
 
 
 def test_the_pipeline_is_tracked_to_the_team_server(authenticated: MlflowServer, tmp_path: Path) -> None:

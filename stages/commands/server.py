@@ -11,7 +11,10 @@ app, configured from the environment (or the options of the same names):
 - ``MLFLOW_AUTH_ADMIN_USERNAME`` (default ``admin``) and ``MLFLOW_AUTH_ADMIN_PASSWORD`` (at least 12
   characters): the first admin, created when the auth database is new;
 - ``MLFLOW_FLASK_SERVER_SECRET_KEY``: signs the UI's forms; set it so every worker and restart agree;
-- ``MLFLOW_HOST`` (default ``127.0.0.1``), ``MLFLOW_PORT`` (default 5000), ``MLFLOW_WORKERS`` (default 2).
+- ``MLFLOW_HOST`` (default ``127.0.0.1``), ``MLFLOW_PORT`` (default 5000), ``MLFLOW_WORKERS`` (default 2);
+- ``MLFLOW_SERVER_ALLOWED_HOSTS``: the host names clients address the server by, e.g.
+  ``mlflow.internal,mlflow.internal:*`` (MLflow's own check: without it, only localhost and private IP
+  addresses are answered, and a request naming the server otherwise gets 403).
 
 Clients set ``MLFLOW_TRACKING_URI``, ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``; a request
 without credentials gets 401. New users are created by the admin (MLflow's auth REST API or UI). After an
@@ -32,6 +35,7 @@ from stages.lib.errors import UserError
 log = logging.getLogger(__name__)
 
 MIN_PASSWORD = 12  # MLflow's basic-auth app refuses a shorter admin password
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 AUTH_FUNCTION = "mlflow.server.auth:authenticate_request_basic_auth"
 
 
@@ -57,6 +61,18 @@ def command(backend: str, artifacts: str, host: str, port: int, workers: int) ->
         "--backend-store-uri", backend, "--artifacts-destination", artifacts,
         "--host", host, "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
+
+
+def allowed_hosts_warning(host: str, allowed_hosts: str) -> str | None:
+    """What to tell the admin when the server listens beyond loopback but no host names are allowed: MLflow then
+    answers only requests addressed to localhost or a private IP address, so clients that use its name get 403."""
+    if allowed_hosts or host in LOOPBACK:
+        return None
+    return (
+        f"MLFLOW_SERVER_ALLOWED_HOSTS is not set: the server listens on {host}, but MLflow answers 403 to requests "
+        "that address it by a name rather than localhost or a private IP address; set it to the names clients "
+        "use, e.g. MLFLOW_SERVER_ALLOWED_HOSTS='mlflow.internal,mlflow.internal:*'"
+    )
 
 
 def check(backend: str, artifacts: str, password: str) -> None:
@@ -90,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
+    if warning := allowed_hosts_warning(args.host, env.get("MLFLOW_SERVER_ALLOWED_HOSTS", "")):
+        log.warning("%s", warning)
     artifacts = args.artifacts_destination
     if "://" not in artifacts:
         artifacts = str(Path(artifacts).resolve())

@@ -44,6 +44,7 @@ def free_port() -> int:
 
 PG_INSTALL_HINT = "apt-get install -y postgresql"
 TEAM_DATABASE = "mlflow"  # the team server's backend store (conftest's ``team`` fixture)
+TEAM_HOST = "mlflow.internal"  # a name the team server answers to besides 127.0.0.1
 PG_SYSTEM_USER = "postgres"
 
 
@@ -463,6 +464,7 @@ def team_server(backend_uri: str, root: Path) -> Iterator[MlflowServer]:
         "MLFLOW_AUTH_ADMIN_PASSWORD": server.password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
         "MLFLOW_PORT": server.uri.rsplit(":", 1)[1],
+        "MLFLOW_SERVER_ALLOWED_HOSTS": f"127.0.0.1:*,{TEAM_HOST}",  # as docs/team.md says: the names clients use
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),  # this checkout's stages package
     }
     with _serving([sys.executable, "-m", "stages.commands.server"], env, server, root / "mlflow-server.log"):
