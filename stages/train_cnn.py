@@ -76,7 +76,8 @@ def record(
     outcome: dict[str, Any],
 ) -> None:
     """Log the MLflow model (its input example: ``outcome["example"]``), write the card (what was trained, on
-    what, where, and how well) and the run record (the MLflow run and model, the wall time)."""
+    what, where, and how well) and the run record (the MLflow run and model, the wall time), and log the
+    kept epoch and the training time."""
     # MLflow's TensorFlow flavor stores Keras 3 models as .keras files
     model_uri = ctx.tracker.log_model("tensorflow", model, outcome["example"], ("tensorflow", "keras"))
     cards.write_card(
@@ -103,6 +104,9 @@ def record(
     )
     cards.write_run(args.run, run_id=ctx.tracker.run_id, model_uri=model_uri, wall_time_s=outcome["wall_time_s"])
     ctx.tracker.log_artifact(args.card)
+    # val_loss/val_accuracy are already logged per epoch; the kept epoch says which of them the model has
+    kept = {"best_epoch": outcome["best_epoch"], "epochs_run": outcome["epochs_run"]}
+    ctx.tracker.log_metrics({**kept, "train_wall_time_s": outcome["wall_time_s"]})
 
 
 def run(args: argparse.Namespace, ctx: runtime.StageContext) -> None:
@@ -160,10 +164,6 @@ def run(args: argparse.Namespace, ctx: runtime.StageContext) -> None:
         "example": to_model_input(x_val[:5]),
     }
     record(args, ctx, model, config, outcome)
-    # val_loss/val_accuracy are already logged per epoch; the kept epoch says which of them the model has
-    ctx.tracker.log_metrics(
-        {"best_epoch": best + 1, "epochs_run": len(history["loss"]), "train_wall_time_s": wall_time}
-    )
     ctx.tracker.log_artifact(args.history)
     ctx.tracker.log_figure(learning_curves(history), "plots/learning_curves.png")
     shutil.rmtree(backup, ignore_errors=True)  # outputs written: nothing left to resume

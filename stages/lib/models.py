@@ -53,6 +53,35 @@ def feature_map_sizes(
     return sizes
 
 
+def check_options(precision: str, optimizer: str, dropout: float, lr_decay: float, steps_per_epoch: int | None) -> None:
+    """Raise ``ValueError`` for a setting of :func:`build_cnn` that cannot work."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision = {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer = {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout = {dropout!r}: expected a fraction in [0, 1)")
+    if not 0.0 < lr_decay <= 1.0:
+        raise ValueError(f"lr_decay = {lr_decay!r}: expected a factor in (0, 1]")
+    if lr_decay < 1.0 and not steps_per_epoch:
+        raise ValueError("lr_decay < 1 needs the number of training steps per epoch (steps_per_epoch)")
+
+
+def make_optimizer(
+    optimizer: str, learning_rate: float, lr_decay: float, steps_per_epoch: int | None
+) -> keras.optimizers.Optimizer:
+    """Adam or plain SGD at ``learning_rate``, multiplied by ``lr_decay`` after every epoch of
+    ``steps_per_epoch`` steps when ``lr_decay`` < 1 (staircase exponential decay)."""
+    import keras
+
+    rate: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
+    if lr_decay < 1.0:
+        rate = keras.optimizers.schedules.ExponentialDecay(learning_rate, steps_per_epoch, lr_decay, staircase=True)
+    return (
+        keras.optimizers.Adam(learning_rate=rate) if optimizer == "adam" else keras.optimizers.SGD(learning_rate=rate)
+    )
+
+
 def build_cnn(
     filters: Sequence[int] = (32, 64, 64),
     kernel_size: int = 3,
@@ -89,16 +118,7 @@ def build_cnn(
     from keras import layers
 
     feature_map_sizes(filters, kernel_size, convs_per_block=convs_per_block)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision = {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer = {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout = {dropout!r}: expected a fraction in [0, 1)")
-    if not 0.0 < lr_decay <= 1.0:
-        raise ValueError(f"lr_decay = {lr_decay!r}: expected a factor in (0, 1]")
-    if lr_decay < 1.0 and not steps_per_epoch:
-        raise ValueError("lr_decay < 1 needs the number of training steps per epoch (steps_per_epoch)")
+    check_options(precision, optimizer, dropout, lr_decay, steps_per_epoch)
 
     # The policy is set per layer, not globally, so building one model never changes the next one. It is
     # passed by name: a shared policy object would be saved with its memory address, changing the file bytes.
@@ -129,14 +149,9 @@ def build_cnn(
     stack.append(layers.Dense(NUM_CLASSES, activation="softmax", kernel_regularizer=regularizer(), dtype="float32"))
     model = keras.Sequential(stack, name="mnist_cnn")
 
-    # Adam or plain SGD on categorical cross-entropy, the rate optionally decaying once per epoch;
-    # XLA only when asked (train_cnn turns it on for a GPU; on the CPU it is slower for this model)
-    rate: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
-    if lr_decay < 1.0:
-        rate = keras.optimizers.schedules.ExponentialDecay(learning_rate, steps_per_epoch, lr_decay, staircase=True)
-    opt = keras.optimizers.Adam(learning_rate=rate) if optimizer == "adam" else keras.optimizers.SGD(learning_rate=rate)
+    # Categorical cross-entropy; XLA only when asked (train_cnn turns it on for a GPU; on the CPU it is slower)
     model.compile(
-        optimizer=opt,
+        optimizer=make_optimizer(optimizer, learning_rate, lr_decay, steps_per_epoch),
         loss="categorical_crossentropy",
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,
